@@ -1,0 +1,239 @@
+"""One readable Llama-family decoder: Vicuna-1.5, Mistral-7B and Nous-Hermes-2-Yi-34B differ by config only.
+
+RMSNorm, rotate-half rotary embeddings with configurable theta, grouped-query attention, SiLU-gated MLP,
+optional sliding window, untied ``lm_head``. Parameter names follow the Hugging Face Llama layout
+(``layers.{i}.self_attn.q_proj`` …), whose q/k weights already use the rotate-half RoPE convention, so
+those checkpoints load with a prefix change only.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+
+from llavakit.core.attention import AttentionBackend
+from llavakit.core.hooks import hookimpl
+from llavakit.core.interfaces import LanguageModel
+from llavakit.core.kv_cache import KVCache
+
+
+class LlamaConfig(BaseModel):
+    """Options of the ``llama`` decoder (presets override a subset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LlamaConfig:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before scaling, exactly as the reference does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, computed per call from the position ids (no length limit).
+
+    The inverse frequencies are derived data, not state: they are kept off the state dict and computed on
+    the CPU even when the model is built on the meta device, so a meta-built model needs no re-init.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self._inv_freq = {torch.device("cpu"): 1.0 / (theta**exponents)}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int, backend: AttentionBackend):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.layer = layer
+        self.backend = backend
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, cos, sin, mask, causal, kv_cache: KVCache | None):
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        out = self.backend.attend(q, k, v, mask=mask, causal=causal, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int, backend: AttentionBackend):
+        super().__init__()
+        self.self_attn = Attention(config, layer, backend)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, causal, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(LanguageModel):
+    """The Llama-family decoder. Submodules: ``embed_tokens``, ``layers``, ``norm``, ``lm_head``."""
+
+    def __init__(self, config: LlamaConfig, *, attention: AttentionBackend):
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.num_layers = config.num_layers
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.max_position_embeddings = config.max_position_embeddings
+        self.sliding_window = config.sliding_window
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, attention) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def reset_parameters(self) -> None:
+        """Documented random init: normal(0, initializer_range) for linear and embedding weights, norms at 1."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def _mask(self, attention_mask, q_len: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
+        """Combine causality, padding and the sliding window into one boolean mask (or a plain causal flag)."""
+        k_len = past + q_len
+        needs_window = self.sliding_window is not None and k_len > self.sliding_window
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and not needs_window:
+            # Decode steps see every cached key; a fresh prefill is plain causal.
+            return None, q_len > 1
+        q_pos = torch.arange(past, k_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if needs_window:
+            allowed = allowed & (k_pos > q_pos - self.sliding_window)
+        allowed = allowed[None, None]
+        if padded:
+            allowed = allowed & attention_mask[:, None, None, :k_len].bool()
+            # A padding query would see no key at all (NaN softmax); let it see itself. Nothing reads it.
+            allowed = allowed | (k_pos == q_pos)[None, None]
+        return allowed, False
+
+    def forward(self, inputs_embeds, *, position_ids, attention_mask=None, kv_cache=None):
+        past = kv_cache.length if kv_cache is not None else 0
+        x = inputs_embeds
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask, causal = self._mask(attention_mask, x.shape[1], past, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(x.shape[1])
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)
+
+
+def _presets() -> dict:
+    return json.loads(resources.files("llavakit.plugins").joinpath("presets/llms.json").read_text())
+
+
+@hookimpl
+def register_language_models(register):
+    register(
+        "llama",
+        LlamaDecoder,
+        config=LlamaConfig,
+        description="configurable Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP, optional sliding window)",
+    )
+    for name, preset in _presets().items():
+        register(
+            name,
+            LlamaDecoder,
+            config=LlamaConfig,
+            defaults=preset["options"],
+            description=preset["description"],
+            **preset["metadata"],
+        )

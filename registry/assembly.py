@@ -1,0 +1,170 @@
+"""Assemble a model from component names: ``build_model(vision="clip-l336", llm="mistral-7b")``.
+
+Assembly resolves each name through the plugin registry, merges preset defaults with the caller's
+option overrides, sizes the projector and tiler from their neighbours, checks that the attention backend
+can run, builds every component on the target device (``meta`` allocates nothing), initialises or loads
+weights, and casts to the requested dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from llavakit.core.config import ComponentRef, ModelConfig
+from llavakit.core.errors import ConfigError
+from llavakit.core.model import LlavaNextModel
+from llavakit.registry.plugins import ComponentSpec, get_registry
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """``torch.dtype`` from a dtype, its name (``"bfloat16"``) or ``None``/``"auto"`` (→ ``default``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return default
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_model(
+    vision: str,
+    llm: str,
+    projector: str = "mlp2x-gelu",
+    tiler: str = "anyres",
+    attention: str = "sdpa",
+    *,
+    vision_options: Mapping[str, Any] | None = None,
+    llm_options: Mapping[str, Any] | None = None,
+    projector_options: Mapping[str, Any] | None = None,
+    tiler_options: Mapping[str, Any] | None = None,
+    weights: Mapping[str, str] | None = None,
+    tokenizer: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    image_token_index: int | None = None,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    seed: int | None = None,
+) -> LlavaNextModel:
+    """Build a model from registered component names.
+
+    ``*_options`` override preset fields (``llm_options={"num_layers": 2, "hidden_size": 64}`` gives a
+    tiny model of that family). ``device="meta"`` builds the full-size model without allocating memory.
+    Components without weights are randomly initialised by their documented ``reset_parameters``;
+    ``seed`` makes that reproducible.
+    """
+    weights = dict(weights or {})
+    config = ModelConfig(
+        vision=ComponentRef(name=vision, options=dict(vision_options or {}), weights=weights.pop("vision", None)),
+        llm=ComponentRef(name=llm, options=dict(llm_options or {}), weights=weights.pop("llm", None)),
+        projector=ComponentRef(
+            name=projector, options=dict(projector_options or {}), weights=weights.pop("projector", None)
+        ),
+        tiler=ComponentRef(name=tiler, options=dict(tiler_options or {}), weights=weights.pop("tiler", None)),
+        attention=attention,
+        dtype="auto" if isinstance(dtype, torch.dtype) else dtype,
+        image_token_index=image_token_index,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tokenizer=tokenizer,
+    )
+    if weights:
+        raise ConfigError(
+            f"weights: unknown component(s) {sorted(weights)}; use the keys vision, llm, projector, tiler"
+        )
+    model = build_from_config(config, device=device, dtype=resolve_dtype(dtype), seed=seed)
+    return model
+
+
+def build_from_config(
+    config: ModelConfig,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    initialise: bool = True,
+) -> LlavaNextModel:
+    """Assemble the model described by ``config``; see :func:`build_model`.
+
+    ``initialise=False`` leaves parameters uninitialised (for a loader that fills every tensor next).
+    """
+    registry = get_registry()
+    dtype = dtype or resolve_dtype(config.dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    specs = {
+        "vision": registry.get("vision", config.vision.name),
+        "llm": registry.get("llm", config.llm.name),
+        "projector": registry.get("projector", config.projector.name),
+        "tiler": registry.get("tiler", config.tiler.name),
+    }
+    attention_spec = registry.get("attention", config.attention)
+    backend = attention_spec.factory()
+    backend.check(device, dtype)  # refuse an impossible backend before allocating anything
+
+    vision_cfg = specs["vision"].options(config.vision.options, field_path="vision")
+    llm_cfg = specs["llm"].options(config.llm.options, field_path="llm")
+    if config.image_token_index is None:
+        config = config.model_copy(update={"image_token_index": specs["llm"].metadata.get("image_token_index")})
+
+    with torch.device(device):
+        if seed is not None and device.type != "meta":
+            torch.manual_seed(seed)
+        vision_tower = specs["vision"].factory(vision_cfg, attention=backend)
+        language_model = specs["llm"].factory(llm_cfg, attention=backend)
+        projector = specs["projector"].factory(
+            specs["projector"].options(
+                {"in_features": vision_tower.hidden_size, "out_features": language_model.hidden_size,
+                 **config.projector.options},
+                field_path="projector",
+            )
+        )
+        tiler = specs["tiler"].factory(
+            specs["tiler"].options(
+                {"tile_size": vision_tower.image_size, "hidden_size": language_model.hidden_size,
+                 **config.tiler.options},
+                field_path="tiler",
+            )
+        )
+    check_dimensions(config, specs, vision_tower, projector, language_model)
+    model = LlavaNextModel(
+        config=config, vision_tower=vision_tower, projector=projector, tiler=tiler, language_model=language_model
+    )
+    model.attention_backend = backend
+    model.component_specs = specs
+    if initialise and device.type != "meta":
+        for module in (vision_tower, projector, tiler, language_model):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    model.untrained = {"vision", "projector", "tiler", "llm"}
+    model.to(dtype)
+    return model.eval()
+
+
+def check_dimensions(config: ModelConfig, specs: dict[str, ComponentSpec], vision, projector, language_model) -> None:
+    """Explain, in plain terms, components that cannot be connected."""
+    if projector.in_features != vision.hidden_size:
+        raise ConfigError(
+            f"the projector {config.projector.name!r} takes {projector.in_features}-wide features but the vision "
+            f"encoder {config.vision.name!r} produces {vision.hidden_size}-wide ones; drop projector.options.in_features "
+            "or make them equal"
+        )
+    if projector.out_features != language_model.hidden_size:
+        raise ConfigError(
+            f"the projector {config.projector.name!r} emits {projector.out_features}-wide tokens but the language "
+            f"model {config.llm.name!r} is {language_model.hidden_size} wide; drop projector.options.out_features "
+            "or make them equal"
+        )
+    index = config.image_token_index
+    if index is not None and index >= language_model.vocab_size:
+        raise ConfigError(
+            f"image_token_index {index} is outside the vocabulary of the language model {config.llm.name!r} "
+            f"({language_model.vocab_size} rows); pass image_token_index=<an id below {language_model.vocab_size}> "
+            "or enlarge llm.options.vocab_size"
+        )
