@@ -1,0 +1,1 @@
+"""Subcommands of the ``llavakit`` command line, one module each (see :mod:`llavakit.registry.cli`)."""
