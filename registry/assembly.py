@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from llavakit.core.config import ComponentRef, ModelConfig
+from llavakit.core.config import ModelConfig
 from llavakit.core.errors import ConfigError
 from llavakit.core.model import LlavaNextModel
+from llavakit.registry.config_files import validate_model_config
 from llavakit.registry.plugins import ComponentSpec, get_registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,13 +62,18 @@ def build_model(
     ``seed`` makes that reproducible.
     """
     weights = dict(weights or {})
-    config = ModelConfig(
-        vision=ComponentRef(name=vision, options=dict(vision_options or {}), weights=weights.pop("vision", None)),
-        llm=ComponentRef(name=llm, options=dict(llm_options or {}), weights=weights.pop("llm", None)),
-        projector=ComponentRef(
-            name=projector, options=dict(projector_options or {}), weights=weights.pop("projector", None)
-        ),
-        tiler=ComponentRef(name=tiler, options=dict(tiler_options or {}), weights=weights.pop("tiler", None)),
+    components = {
+        "vision": (vision, vision_options),
+        "llm": (llm, llm_options),
+        "projector": (projector, projector_options),
+        "tiler": (tiler, tiler_options),
+    }
+    data: dict[str, Any] = {
+        part: {"name": name, "options": dict(options or {}), "weights": weights.pop(part, None)}
+        for part, (name, options) in components.items()
+    }
+    torch_dtype = resolve_dtype(dtype)
+    data.update(
         attention=attention,
         dtype="auto" if isinstance(dtype, torch.dtype) else dtype,
         image_token_index=image_token_index,
@@ -75,12 +81,12 @@ def build_model(
         vision_feature_select_strategy=vision_feature_select_strategy,
         tokenizer=tokenizer,
     )
+    config = validate_model_config(data, where="build_model")
     if weights:
         raise ConfigError(
             f"weights: unknown component(s) {sorted(weights)}; use the keys vision, llm, projector, tiler"
         )
-    model = build_from_config(config, device=device, dtype=resolve_dtype(dtype), seed=seed)
-    return model
+    return build_from_config(config, device=device, dtype=torch_dtype, seed=seed)
 
 
 def build_from_config(

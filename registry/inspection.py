@@ -14,6 +14,7 @@ BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def meta_model(source: str | Path) -> LlavaNextModel:
     """The model ``source`` describes, built on the meta device from its config alone."""
+    from llavakit.core.errors import CheckpointError
     from llavakit.registry.assembly import build_from_config
     from llavakit.registry.checkpoints import read_json
     from llavakit.registry.config_files import read_model_config
@@ -21,6 +22,8 @@ def meta_model(source: str | Path) -> LlavaNextModel:
     from llavakit.registry.loading import CONFIG_SUFFIXES
 
     path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{source}: no such file or folder (inspect reads local folders and config files)")
     if path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES and path.name != "config.json":
         config = read_model_config(path)
     else:
