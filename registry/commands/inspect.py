@@ -19,10 +19,21 @@ def parse_image_size(text: str) -> ImageSize:
     return ImageSize(height, width)
 
 
+def image_size_arg(text: str) -> ImageSize:
+    """argparse type: report a bad size through argparse's usage error."""
+    try:
+        return parse_image_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="describe a model: components, parameters, memory, image tokens")
     parser.add_argument("source", help="llava-hf checkpoint folder or llavakit config file")
-    parser.add_argument("--image-size", default="672x672", type=parse_image_size, help="HEIGHTxWIDTH (default 672x672)")
+    parser.add_argument(
+        "--image-size", default="672x672", type=image_size_arg, metavar="HxW",
+        help="image height x width in pixels for the token count (default 672x672)",
+    )
     parser.set_defaults(func=run)
 
 
