@@ -9,6 +9,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "llavakit.plugins.attention",
     "llavakit.plugins.clip_vit",
     "llavakit.plugins.llama",
+    "llavakit.plugins.open_clip_vision",
     "llavakit.plugins.projectors",
     "llavakit.plugins.tilers",
 )

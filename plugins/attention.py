@@ -1,24 +1,49 @@
-"""Built-in attention backends: ``eager`` (reference math), ``sdpa`` (torch), ``flash`` (flash kernels).
+"""Built-in attention backends: ``eager`` (reference math), ``sdpa`` (torch), ``flash`` (flash kernels only).
 
 Which kernel ``flash`` runs:
 
-- CUDA, fp16/bf16, ``flash-attn`` installed: the ``flash-attn`` package's kernels.
-- CUDA, fp16/bf16, no ``flash-attn``: PyTorch's built-in flash kernel (``sdpa_kernel(FLASH_ATTENTION)``).
-- CPU, any float dtype: PyTorch's CPU flash kernel (``sdpa_kernel(FLASH_ATTENTION)``).
-- CUDA fp32, or any other device: refused with :class:`AttentionBackendError` before weights load.
+====================================  ======================================================================
+where                                 kernel
+====================================  ======================================================================
+CUDA (sm80+), fp16/bf16,              the ``flash-attn`` package: ``flash_attn_func`` for unpadded batches,
+``flash-attn`` >= 2.1 importable      ``flash_attn_varlen_func`` over the packed (padding-free) tokens of a
+                                      padded batch, native grouped-query attention.
+CUDA (sm80+), fp16/bf16,              PyTorch's flash kernel (``sdpa_kernel(FLASH_ATTENTION)``); a padded batch
+no usable ``flash-attn``              runs row by row over each row's real tokens (the kernel takes no mask).
+CPU, any float dtype                  PyTorch's CPU flash kernel, with the same padding-free packing.
+CUDA fp32, CUDA before sm80, or any   refused with :class:`AttentionBackendError` by :meth:`FlashAttention.check`,
+other device                          which the assembler calls before any weight is allocated.
+====================================  ======================================================================
+
+Flash kernels take no arbitrary mask, only "causal" and sequence lengths. ``flash`` therefore reads a
+mask as *causal attention over each row's real tokens*: it recovers which key positions are real from
+the mask, checks that the mask is exactly the decoder's padding mask, and refuses any other mask (e.g. a
+sliding window) with a message pointing to ``sdpa``. Causality is bottom-right aligned (the newest query
+sees every key), as in the contract. A padding query's output is its own value: exactly what the mask
+gives under left padding (generation's layout); after right padding those positions differ from
+``eager``, and nothing reads them.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from llavakit.core.attention import AttentionBackend, repeat_kv
 from llavakit.core.errors import AttentionBackendError
 from llavakit.core.hooks import hookimpl
+
+#: flash-attn releases from this one on align ``causal`` bottom-right, as the attention contract does.
+MIN_FLASH_ATTN_VERSION = (2, 1)
+#: Flash kernels on CUDA need Ampere (compute capability 8.0) or newer.
+MIN_CUDA_CAPABILITY = (8, 0)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def bottom_right_causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -48,7 +73,7 @@ class SdpaAttention(AttentionBackend):
 
     name = "sdpa"
 
-    def _sdpa(self, q, k, v, *, mask, causal, scale):
+    def attend(self, q, k, v, *, mask, causal, scale):
         if causal and q.shape[2] != k.shape[2]:
             # PyTorch's is_causal is top-left aligned; our contract is bottom-right (queries are the newest).
             mask, causal = bottom_right_causal(q.shape[2], k.shape[2], q.device), False
@@ -56,48 +81,201 @@ class SdpaAttention(AttentionBackend):
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
-    def attend(self, q, k, v, *, mask, causal, scale):
-        return self._sdpa(q, k, v, mask=mask, causal=causal, scale=scale)
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Where a padded batch's real tokens are, recovered from its attention mask.
+
+    ``key_valid`` is ``[B, Lk]``; the queries are the last ``Lq`` key positions, so ``query_valid`` is its
+    tail. ``*_index`` address the flattened ``[B * L]`` token axis; ``cu_seqlens_*`` are the int32 prefix
+    sums of real tokens per row that varlen kernels take.
+    """
+
+    key_valid: torch.Tensor
+    query_valid: torch.Tensor
+    key_index: torch.Tensor
+    query_index: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_k: int
+    max_seqlen_q: int
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout:
+        """Read the layout off a ``[B or 1, 1, Lq, Lk]`` mask; refuse a mask that is not causal-over-padding.
+
+        The decoder's mask is ``causal & (real key | own key)``: a padding query sees the real keys before it
+        plus itself. So a key is real exactly when a query other than its own position attends to it; the
+        newest position, which no later query can vouch for, is taken as real (its row is the same either
+        way). The mask rebuilt from that classification must equal the given one, or the mask is refused.
+        """
+        allowed = mask[:, 0].expand(batch_size, q_len, k_len)
+        own_key = torch.arange(k_len, device=mask.device)[None, :] == torch.arange(
+            k_len - q_len, k_len, device=mask.device
+        )[:, None]
+        key_valid = (allowed & ~own_key).any(dim=1)
+        key_valid[:, -1] = True
+        causal = bottom_right_causal(q_len, k_len, mask.device)
+        rebuilt = (causal & key_valid[:, None, :]) | own_key
+        if not torch.equal(rebuilt, allowed):
+            raise AttentionBackendError(
+                "attention='flash' supports causal attention over left- or right-padded rows only (flash kernels "
+                "take sequence lengths, not masks); this mask has another structure (a sliding window?). Use "
+                "attention='sdpa' for this model."
+            )
+        query_valid = key_valid[:, k_len - q_len :]
+        key_counts, query_counts = key_valid.sum(dim=1), query_valid.sum(dim=1)
+        return cls(
+            key_valid=key_valid,
+            query_valid=query_valid,
+            key_index=key_valid.flatten().nonzero().squeeze(1),
+            query_index=query_valid.flatten().nonzero().squeeze(1),
+            cu_seqlens_k=F.pad(key_counts.cumsum(0, dtype=torch.int32), (1, 0)),
+            cu_seqlens_q=F.pad(query_counts.cumsum(0, dtype=torch.int32), (1, 0)),
+            max_seqlen_k=int(key_counts.max()),
+            max_seqlen_q=int(query_counts.max()),
+        )
 
 
-class FlashAttention(SdpaAttention):
+def own_values(v: torch.Tensor, q_len: int, num_query_heads: int) -> torch.Tensor:
+    """``[B, Hq, Lq, D]`` values at the queries' own positions: what a query that sees only itself returns."""
+    return repeat_kv(v[:, :, v.shape[2] - q_len :], num_query_heads)
+
+
+class FlashAttention(AttentionBackend):
     """Flash kernels only; refuses where none can run (see the module docstring for which one runs where)."""
 
     name = "flash"
 
     def __init__(self) -> None:
-        self._flash_attn = None
+        self._flash_attn = None  # the flash-attn module, once found usable on CUDA
+        self._flash_attn_checked = False
+        self._layout_cache: tuple[torch.Tensor, PaddedLayout] | None = None
 
+    # ------------------------------------------------------------------------------------ where it runs
     def check(self, device, dtype):
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "cpu" or device.type == "meta":
+        if device.type in ("cpu", "meta"):
             return
         if device.type != "cuda":
             raise AttentionBackendError(
                 f"attention='flash' has no kernel for device {device.type!r}; use attention='sdpa' or 'eager'"
             )
-        if dtype not in (torch.float16, torch.bfloat16):
+        if dtype not in FLASH_DTYPES:
             raise AttentionBackendError(
                 f"attention='flash' on CUDA needs float16 or bfloat16 weights, got {dtype}; pass "
                 "dtype='bfloat16' (or 'float16'), or use attention='sdpa' for float32"
             )
-        if importlib.util.find_spec("flash_attn") is not None:
-            import flash_attn
-
-            self._flash_attn = flash_attn
-
-    def attend(self, q, k, v, *, mask, causal, scale):
-        if self._flash_attn is not None and q.is_cuda and mask is None:
-            out = self._flash_attn.flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < MIN_CUDA_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise AttentionBackendError(
+                f"attention='flash' needs a CUDA GPU of compute capability 8.0 (Ampere) or newer; "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Use attention='sdpa'"
             )
-            return out.transpose(1, 2)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return self._sdpa(q, k, v, mask=mask, causal=causal, scale=scale)
+        self._resolve_flash_attn()
+
+    def kernel(self, device: torch.device | str) -> str:
+        """Which kernel :meth:`attend` uses on ``device`` (for logs and benchmarks)."""
+        if torch.device(device).type == "cuda" and self._resolve_flash_attn() is not None:
+            return f"flash-attn {self._flash_attn.__version__} (flash_attn_func / flash_attn_varlen_func)"
+        return "torch sdpa_kernel(FLASH_ATTENTION)"
+
+    def _resolve_flash_attn(self):
+        """The ``flash-attn`` module if it is installed, imports, and is recent enough; else ``None``."""
+        if not self._flash_attn_checked:
+            self._flash_attn_checked = True
+            if importlib.util.find_spec("flash_attn") is not None:
+                try:
+                    module = importlib.import_module("flash_attn")
+                except (ImportError, OSError):  # a build for another torch/CUDA: PyTorch's kernel still runs
+                    module = None
+                version = tuple(int(p) for p in getattr(module, "__version__", "0.0").split(".")[:2] if p.isdigit())
+                if module is not None and version >= MIN_FLASH_ATTN_VERSION:
+                    self._flash_attn = module
+        return self._flash_attn
+
+    # ------------------------------------------------------------------------------------------ attend
+    def attend(self, q, k, v, *, mask, causal, scale):
+        if q.is_cuda and q.dtype not in FLASH_DTYPES:
+            raise AttentionBackendError(
+                f"attention='flash' on CUDA needs float16 or bfloat16, got {q.dtype}; cast the model with "
+                "dtype='bfloat16' or use attention='sdpa'"
+            )
+        flash_attn = self._resolve_flash_attn() if q.is_cuda else self._flash_attn
+        if mask is None:
+            if flash_attn is not None:
+                out = flash_attn.flash_attn_func(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal
+                )
+                return out.transpose(1, 2)
+            return torch_flash(q, k, v, causal=causal, scale=scale)
+        layout = self._layout(mask, q.shape[2], k.shape[2], q.shape[0])
+        if flash_attn is not None:
+            return self._varlen(flash_attn, q, k, v, layout, scale)
+        return self._row_by_row(q, k, v, layout, scale)
+
+    def _layout(self, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout:
+        # Every layer of one forward receives the same mask object: read it once.
+        if self._layout_cache is None or self._layout_cache[0] is not mask:
+            self._layout_cache = (mask, PaddedLayout.from_mask(mask, q_len, k_len, batch_size))
+        return self._layout_cache[1]
+
+    @staticmethod
+    def _varlen(flash_attn, q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
+        """One ``flash_attn_varlen_func`` call over the real tokens of every row, packed end to end."""
+        batch, heads, q_len, head_dim = q.shape
+        k_len, kv_heads = k.shape[2], k.shape[1]
+        packed_q = q.transpose(1, 2).reshape(batch * q_len, heads, head_dim)[layout.query_index]
+        packed_k = k.transpose(1, 2).reshape(batch * k_len, kv_heads, head_dim)[layout.key_index]
+        packed_v = v.transpose(1, 2).reshape(batch * k_len, kv_heads, head_dim)[layout.key_index]
+        packed_out = flash_attn.flash_attn_varlen_func(
+            packed_q,
+            packed_k,
+            packed_v,
+            cu_seqlens_q=layout.cu_seqlens_q,
+            cu_seqlens_k=layout.cu_seqlens_k,
+            max_seqlen_q=layout.max_seqlen_q,
+            max_seqlen_k=layout.max_seqlen_k,
+            softmax_scale=scale,
+            causal=True,
+        )
+        out = own_values(v, q_len, heads).transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        out = out.index_copy(0, layout.query_index, packed_out.to(out.dtype))
+        return out.view(batch, q_len, heads, head_dim).transpose(1, 2)
+
+    @staticmethod
+    def _row_by_row(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
+        """PyTorch's flash kernel takes no mask: run each row over its real tokens only."""
+        out = own_values(v, q.shape[2], q.shape[1]).clone()
+        for row in range(q.shape[0]):
+            queries, keys = layout.query_valid[row], layout.key_valid[row]
+            if not queries.any():
+                continue
+            out[row, :, queries] = torch_flash(
+                q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
+                causal=True, scale=scale,
+            )[0]
+        return out
+
+
+def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+    """PyTorch's flash kernel with bottom-right causality and grouped-query attention."""
+    attn_mask = None
+    if causal and q.shape[2] != k.shape[2]:
+        # A CausalBias, unlike a boolean mask, reaches the flash kernel (which aligns causal bottom-right).
+        attn_mask, causal = causal_lower_right(q.shape[2], k.shape[2]), False
+    if k.shape[1] != q.shape[1]:
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
 
 
 @hookimpl
 def register_attention_backends(register):
     register("eager", EagerAttention, description="reference matmul/softmax attention (fp32 softmax)")
     register("sdpa", SdpaAttention, description="torch scaled_dot_product_attention, kernel chosen by PyTorch")
-    register("flash", FlashAttention, description="flash-attn package on CUDA when installed, else PyTorch's flash kernel")
+    register(
+        "flash",
+        FlashAttention,
+        description="flash-attn package (varlen for padded batches) on CUDA when installed, else PyTorch's flash kernel",
+    )

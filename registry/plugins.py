@@ -7,15 +7,24 @@ separated list of entry-point or distribution names, empty for none) limits whic
 load; built-ins always load.
 
 Two providers registering one name make that name unusable: resolving it raises an error naming both.
+A hook implementation that matches no hookspec (a misspelled hook name) fails its plugin, like an
+import error, instead of being silently ignored.
+
+Name families: a plugin may register ``"prefix:*"`` (e.g. ``open_clip:*``) to provide every name
+``prefix:<member>``. Resolving ``open_clip:ViT-B-16`` returns the family's spec renamed to that name, with
+the member passed as the option ``model_name``; the family's optional ``members`` metadata (a callable
+returning the valid member names, called only when such a name is resolved) lets unknown members fail
+with the closest match. An exact registration wins over a family.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
@@ -29,6 +38,10 @@ from llavakit.plugins import BUILTIN_MODULES
 
 ENTRY_POINT_GROUP = "llavakit.plugins"
 BUILTIN_PROVIDER = "llavakit (built-in)"
+#: A registered name ending in this suffix provides every ``prefix:<member>`` name.
+FAMILY_SUFFIX = ":*"
+#: The option through which a family's factory learns which member was asked for.
+FAMILY_OPTION = "model_name"
 
 KIND_LABELS = {
     "vision": "vision encoder",
@@ -65,8 +78,9 @@ class ComponentSpec:
         try:
             return self.config(**values)
         except ValidationError as err:
+            where = field_path or self.kind
             problems = "; ".join(
-                f"{field_path or self.kind}.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+                ".".join([where, "options", *(str(p) for p in e["loc"])]) + f": {e['msg']}" for e in err.errors()
             )
             raise ConfigError(f"invalid options for {KIND_LABELS[self.kind]} {self.name!r}: {problems}") from None
 
@@ -120,7 +134,6 @@ class PluginRegistry:
                 self._fail(entry_point.name, dist, version, f"import failed: {type(err).__name__}: {err}", err)
                 continue
             self._add(module, entry_point.name, dist, version)
-        self.manager.check_pending()
         return self
 
     def _add(self, module, plugin_name: str, dist: str, version: str) -> None:
@@ -128,6 +141,14 @@ class PluginRegistry:
             self.manager.register(module, name=plugin_name)
         except Exception as err:  # noqa: BLE001
             self._fail(plugin_name, dist, version, f"registration failed: {type(err).__name__}: {err}", err)
+            return
+        try:
+            # Every plugin registered before this one passed, so anything pending is this plugin's.
+            self.manager.check_pending()
+        except pluggy.PluginValidationError as err:
+            message = "; ".join(_unknown_hook_message(name) for name in self._unknown_hooks(module))
+            self.manager.unregister(module)
+            self._fail(plugin_name, dist, version, f"registration failed: {message}", err)
             return
         provider = dist if dist == BUILTIN_PROVIDER else f"{dist} {version}"
         for hook_name, kind in hooks.HOOK_KINDS.items():
@@ -148,6 +169,11 @@ class PluginRegistry:
         def register(name, factory, *, config=None, defaults=None, description="", **extra):
             if not isinstance(name, str) or not name:
                 raise PluginError(f"a {KIND_LABELS[kind]} was registered without a name")
+            if name.endswith(FAMILY_SUFFIX) and FAMILY_OPTION not in getattr(config, "model_fields", {}):
+                raise PluginError(
+                    f"the {KIND_LABELS[kind]} family {name!r} needs a config model with a {FAMILY_OPTION!r} field "
+                    "(it receives the member name)"
+                )
             staged.append(
                 ComponentSpec(
                     kind=kind,
@@ -195,14 +221,46 @@ class PluginRegistry:
                 f"{KIND_LABELS[kind]} {name!r} is registered by both {providers}; uninstall one, or limit the "
                 "third-party plugins that load with LLAVAKIT_PLUGINS=name1,name2"
             )
+        prefix, sep, member = name.partition(":")
+        if sep and member and member != "*":
+            family_name = prefix + FAMILY_SUFFIX
+            if family_name in self.components[kind] or (kind, family_name) in self.duplicates:
+                return self._family_member(self.get(kind, family_name), name, member)
         raise UnknownComponentError(KIND_LABELS[kind], name, self.names(kind))
 
+    def _family_member(self, family: ComponentSpec, name: str, member: str) -> ComponentSpec:
+        members = family.metadata.get("members")
+        if members is not None:
+            available = list(members())
+            if member not in available:
+                prefix = family.name.removesuffix(FAMILY_SUFFIX)
+                raise UnknownComponentError(KIND_LABELS[family.kind], name, (f"{prefix}:{m}" for m in available))
+        return replace(family, name=name, defaults={**family.defaults, FAMILY_OPTION: member})
+
     def names(self, kind: str) -> list[str]:
+        """Registered names of ``kind``; a family appears once, as ``prefix:*``."""
         return sorted(self.components[kind])
+
+    def _unknown_hooks(self, module) -> list[str]:
+        """Hook implementations of ``module`` that match no hookspec (what ``check_pending`` rejects)."""
+        unknown = []
+        for hook_name in vars(self.manager.hook):
+            caller = getattr(self.manager.hook, hook_name)
+            if hook_name.startswith("_") or caller.has_spec():
+                continue
+            if any(impl.plugin is module and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(hook_name)
+        return unknown
 
     def all(self) -> Iterable[ComponentSpec]:
         for kind in KIND_LABELS:
             yield from (self.components[kind][name] for name in sorted(self.components[kind]))
+
+
+def _unknown_hook_message(hook_name: str) -> str:
+    close = difflib.get_close_matches(hook_name, hooks.HOOK_KINDS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"the hooks are {', '.join(hooks.HOOK_KINDS)}"
+    return f"hook implementation {hook_name!r} matches no llavakit hookspec ({hint})"
 
 
 def _entry_points():
