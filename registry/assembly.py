@@ -15,8 +15,8 @@ import torch
 
 from llavakit.core.config import ModelConfig
 from llavakit.core.errors import ConfigError
-from llavakit.core.model import LlavaNextModel
 from llavakit.registry.config_files import validate_model_config
+from llavakit.registry.model import PARTS, LlavakitModel
 from llavakit.registry.plugins import ComponentSpec, get_registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,13 +53,16 @@ def build_model(
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: str = "default",
     seed: int | None = None,
-) -> LlavaNextModel:
+    allow_pickle: bool = False,
+) -> LlavakitModel:
     """Build a model from registered component names.
 
     ``*_options`` override preset fields (``llm_options={"num_layers": 2, "hidden_size": 64}`` gives a
     tiny model of that family). ``device="meta"`` builds the full-size model without allocating memory.
-    Components without weights are randomly initialised by their documented ``reset_parameters``;
-    ``seed`` makes that reproducible.
+    ``weights={"vision": SRC, "llm": SRC, "projector": SRC, "tiler": SRC}`` loads parts from local folders,
+    files or hub ids (see :mod:`llavakit.registry.components`); pickle files need ``allow_pickle=True``.
+    Components without weights are randomly initialised by their documented ``reset_parameters`` and
+    listed in ``model.untrained``; ``seed`` makes that reproducible.
     """
     weights = dict(weights or {})
     components = {
@@ -86,7 +89,7 @@ def build_model(
         raise ConfigError(
             f"weights: unknown component(s) {sorted(weights)}; use the keys vision, llm, projector, tiler"
         )
-    return build_from_config(config, device=device, dtype=torch_dtype, seed=seed)
+    return build_from_config(config, device=device, dtype=torch_dtype, seed=seed, allow_pickle=allow_pickle)
 
 
 def build_from_config(
@@ -96,14 +99,23 @@ def build_from_config(
     dtype: torch.dtype | None = None,
     seed: int | None = None,
     initialise: bool = True,
-) -> LlavaNextModel:
+    allow_pickle: bool = False,
+) -> LlavakitModel:
     """Assemble the model described by ``config``; see :func:`build_model`.
 
-    ``initialise=False`` leaves parameters uninitialised (for a loader that fills every tensor next).
+    Parts with ``weights`` are built on the meta device and filled from their source (after the config
+    was fitted to the weights); the others are initialised. ``initialise=False`` leaves parameters
+    uninitialised (for a loader that fills every tensor next). On the meta device nothing is loaded.
     """
     registry = get_registry()
     dtype = dtype or resolve_dtype(config.dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    sources = {}
+    if device.type != "meta" and any(getattr(config, part).weights for part in PARTS):
+        from llavakit.registry.components import plan_weights
+
+        config, sources = plan_weights(config, allow_pickle=allow_pickle)
+    device_of = {part: torch.device("meta") if part in sources else device for part in PARTS}
     specs = {
         "vision": registry.get("vision", config.vision.name),
         "llm": registry.get("llm", config.llm.name),
@@ -119,11 +131,13 @@ def build_from_config(
     if config.image_token_index is None:
         config = config.model_copy(update={"image_token_index": specs["llm"].metadata.get("image_token_index")})
 
-    with torch.device(device):
-        if seed is not None and device.type != "meta":
-            torch.manual_seed(seed)
+    if seed is not None and device.type != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device_of["vision"]):
         vision_tower = specs["vision"].factory(vision_cfg, attention=backend)
+    with torch.device(device_of["llm"]):
         language_model = specs["llm"].factory(llm_cfg, attention=backend)
+    with torch.device(device_of["projector"]):
         projector = specs["projector"].factory(
             specs["projector"].options(
                 {"in_features": vision_tower.hidden_size, "out_features": language_model.hidden_size,
@@ -131,6 +145,7 @@ def build_from_config(
                 field_path="projector",
             )
         )
+    with torch.device(device_of["tiler"]):
         tiler = specs["tiler"].factory(
             specs["tiler"].options(
                 {"tile_size": vision_tower.image_size, "hidden_size": language_model.hidden_size,
@@ -139,16 +154,21 @@ def build_from_config(
             )
         )
     check_dimensions(config, specs, vision_tower, projector, language_model)
-    model = LlavaNextModel(
+    model = LlavakitModel(
         config=config, vision_tower=vision_tower, projector=projector, tiler=tiler, language_model=language_model
     )
     model.attention_backend = backend
     model.component_specs = specs
+    modules = {"vision": vision_tower, "projector": projector, "tiler": tiler, "llm": language_model}
     if initialise and device.type != "meta":
-        for module in (vision_tower, projector, tiler, language_model):
-            if hasattr(module, "reset_parameters"):
+        for part, module in modules.items():
+            if part not in sources and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    model.untrained = {"vision", "projector", "tiler", "llm"}
+    if sources:
+        from llavakit.registry.components import load_sources
+
+        load_sources(model, sources, device=device, dtype=dtype)
+        model.finish_loading()
     model.to(dtype)
     return model.eval()
 
