@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llavakit.core import generation
 from llavakit.core.config import ModelConfig
 from llavakit.core.errors import ConfigError, TokenCountError
 from llavakit.core.interfaces import ImageTiler, LanguageModel, Projector, VisionEncoder, image_sizes_list
@@ -210,6 +211,57 @@ class LlavaNextModel(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=IGNORE_INDEX
             )
         return ModelOutput(logits=logits, loss=loss, kv_cache=kv_cache)
+
+    # ------------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        streamer=None,
+        tokenizer=None,
+    ) -> torch.Tensor:
+        """Generate like transformers: returns ``[B, prompt_len + new]`` ids; see :mod:`llavakit.core.generation`.
+
+        Options left at ``None`` come from the checkpoint's ``generation_config.json`` (else
+        ``max_new_tokens=256``, greedy). ``stop_strings`` needs a tokenizer (``model.processor`` or ``tokenizer=``).
+        """
+        return generation.generate(
+            self, input_ids, attention_mask, pixel_values, image_sizes, streamer=streamer, tokenizer=tokenizer,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            stop_strings=stop_strings, seed=seed,
+        )
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        *,
+        tokenizer=None,
+        **options,
+    ):
+        """Iterate over the answer's text pieces as they are generated (one prompt; needs a tokenizer).
+
+        Takes the options of :meth:`generate`; the returned stream's ``.stats`` has counts and timings.
+        """
+        return generation.stream(
+            self, input_ids, attention_mask, pixel_values, image_sizes, tokenizer=tokenizer, **options
+        )
 
 
 def positions_from_mask(
