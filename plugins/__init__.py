@@ -7,6 +7,7 @@ third-party plugin; the registry loads the modules listed in :data:`BUILTIN_MODU
 
 BUILTIN_MODULES: tuple[str, ...] = (
     "llavakit.plugins.attention",
+    "llavakit.plugins.chat_templates",
     "llavakit.plugins.clip_vit",
     "llavakit.plugins.llama",
     "llavakit.plugins.open_clip_vision",

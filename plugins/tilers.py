@@ -18,6 +18,7 @@ from torch import nn
 
 from llavakit.core.errors import ConfigError
 from llavakit.core.hooks import hookimpl
+from llavakit.core.images import as_hwc_array, resize_bicubic
 from llavakit.core.interfaces import ImageTiler, TileLayout
 from llavakit.core.types import ImageSize, TokenGrid
 
@@ -66,11 +67,6 @@ def unpadded_grid(image_size: ImageSize, rows: int, cols: int) -> tuple[int, int
     new_cols = (width * rows) // height
     pad = (cols - new_cols) // 2
     return 0, rows, pad, cols - pad
-
-
-def pil_to_chw(image: Image.Image) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` view of an RGB PIL image."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class AnyResConfig(BaseModel):
@@ -162,17 +158,23 @@ class AnyResTiler(ImageTiler):
     def split(self, image: Image.Image) -> torch.Tensor:
         layout = self.layout(ImageSize(image.height, image.width))
         size = self.tile_size
-        tiles = torch.empty(layout.num_tiles, 3, size, size, dtype=torch.uint8)
-        tiles[0] = pil_to_chw(image.resize((size, size), Image.Resampling.BICUBIC))
-        resized = pil_to_chw(image.resize((layout.resized.width, layout.resized.height), Image.Resampling.BICUBIC))
-        canvas = torch.zeros(3, layout.canvas.height, layout.canvas.width, dtype=torch.uint8)
+        tiles = np.zeros((layout.num_tiles, 3, size, size), dtype=np.uint8)
+        tiles[0] = as_hwc_array(resize_bicubic(image, ImageSize(size, size))).transpose(2, 0, 1)
+        resized = as_hwc_array(resize_bicubic(image, layout.resized)).transpose(2, 0, 1)
+        # The resized image sits centred on a black canvas; copy each tile's share of it straight into the
+        # tile (no canvas is materialised: the zeros of ``tiles`` are the padding).
         top = (layout.canvas.height - layout.resized.height) // 2
         left = (layout.canvas.width - layout.resized.width) // 2
-        canvas[:, top : top + layout.resized.height, left : left + layout.resized.width] = resized
         for index in range(layout.grid_rows * layout.grid_cols):
             row, col = divmod(index, layout.grid_cols)
-            tiles[1 + index] = canvas[:, row * size : (row + 1) * size, col * size : (col + 1) * size]
-        return tiles
+            y0, x0 = max(row * size, top), max(col * size, left)
+            y1 = min((row + 1) * size, top + layout.resized.height)
+            x1 = min((col + 1) * size, left + layout.resized.width)
+            if y1 > y0 and x1 > x0:
+                tiles[1 + index, :, y0 - row * size : y1 - row * size, x0 - col * size : x1 - col * size] = resized[
+                    :, y0 - top : y1 - top, x0 - left : x1 - left
+                ]
+        return torch.from_numpy(tiles)
 
 
 class SingleTileConfig(BaseModel):
@@ -213,11 +215,11 @@ class SingleTiler(ImageTiler):
 
     def split(self, image: Image.Image) -> torch.Tensor:
         layout = self.layout(ImageSize(image.height, image.width))
-        resized = image.resize((layout.resized.width, layout.resized.height), Image.Resampling.BICUBIC)
+        resized = as_hwc_array(resize_bicubic(image, layout.resized))
         top = (layout.resized.height - self.tile_size) // 2
         left = (layout.resized.width - self.tile_size) // 2
-        crop = resized.crop((left, top, left + self.tile_size, top + self.tile_size))
-        return pil_to_chw(crop)[None].contiguous()
+        crop = resized[top : top + self.tile_size, left : left + self.tile_size].transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(crop)[None])
 
 
 @hookimpl

@@ -169,6 +169,10 @@ def build_from_config(
 
         load_sources(model, sources, device=device, dtype=dtype)
         model.finish_loading()
+    if config.tokenizer is not None:
+        from llavakit.registry.processing import processor_for_model
+
+        model.processor = processor_for_model(model, config.tokenizer)
     model.to(dtype)
     return model.eval()
 

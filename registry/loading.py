@@ -87,6 +87,11 @@ def load_model(
                 f"{path / 'config.json'}: model_type {hf.get('model_type')!r} is not a layout load_model knows "
                 "(llava_next; llava_mistral/llava_llama with mm_vision_tower; or a llavakit.json folder)"
             )
+    if model.processor is None:
+        from llavakit.registry.processing import has_tokenizer_files, load_processor
+
+        if has_tokenizer_files(path):
+            model.processor = load_processor(path, model=model)
     model.source = str(source)
     return model
 
