@@ -150,10 +150,12 @@ class OpenClipVisionTower(VisionEncoder):
         block = self.feature_index(feature_layer) - 1
         pixel_values = pixel_values.to(next(self.visual.parameters()).dtype)
         if self._trunk is not None:
-            ((patches, prefix),) = self._trunk.forward_intermediates(
+            (layer,) = self._trunk.forward_intermediates(
                 pixel_values, indices=[block], return_prefix_tokens=True, stop_early=True, output_fmt="NLC",
                 intermediates_only=True,
             )
+            # (patches, prefix tokens) when the trunk has prefix tokens, else the patches alone
+            patches, prefix = layer if isinstance(layer, tuple) else (layer, None)
             class_token = prefix[:, :1] if self.has_class_token else None
         else:
             output = self.visual.forward_intermediates(
