@@ -37,6 +37,7 @@ from torch import nn
 
 from llavakit.core.config import ComponentRef, ModelConfig
 from llavakit.core.errors import CheckpointError, ConfigError, StateDictError
+from llavakit.plugins.clip_vit import ClipVisionTower
 from llavakit.registry import hub
 from llavakit.registry.checkpoints import (
     LLAVA_HF_KEYMAP,
@@ -218,7 +219,7 @@ class WeightSource:
             converted, origin = _convert_open_clip(state)
             return TensorDictCheckpoint.from_state_dict(converted, where=checkpoint.where, files=checkpoint.files, origin=origin)
         if self.layout == "llavakit" and self.path.is_dir():
-            return _open_file_or_folder(self.path, (self.part, "model"), self.allow_pickle)
+            return _open_file_or_folder(self.path, (self.part, "open_clip_model", "model"), self.allow_pickle)
         return _open_file_or_folder(self.path, ("model",), self.allow_pickle)
 
 
@@ -238,13 +239,17 @@ def _open_file_or_folder(path: Path, basenames: tuple[str, ...], allow_pickle: b
     return open_checkpoint(path, basename=basenames[0], allow_pickle=allow_pickle)
 
 
-def locate(part: str, source: str, *, allow_pickle: bool = False, revision: str | None = None) -> WeightSource:
-    """Resolve ``source`` (local, or downloaded from the hub) and recognise its layout for ``part``."""
+def locate(part: str, source: str, *, allow_pickle: bool = False, clip_vit: bool = True) -> WeightSource:
+    """Resolve ``source`` (local, or downloaded from the hub) and recognise its layout for ``part``.
+
+    ``clip_vit`` says whether the vision component is the built-in CLIP ViT, the only tower that open_clip
+    and HF CLIP layouts are converted into; any other tower reads its own parameter names.
+    """
     patterns = (*hub.MODEL_FILES, *hub.OPEN_CLIP_FILES, *(hub.PICKLE_FILES if allow_pickle else ()))
     if allow_pickle:
         patterns = (*patterns, "open_clip_pytorch_model.bin")
-    path = hub.resolve_source(source, patterns=patterns, revision=revision)
-    found = _recognise(part, path, allow_pickle)
+    path = hub.resolve_source(source, patterns=patterns)
+    found = _recognise(part, path, allow_pickle, clip_vit or part != "vision")
     found.source, found.allow_pickle = str(source), allow_pickle
     if part not in LAYOUT_PARTS[found.layout]:
         raise ConfigError(
@@ -254,7 +259,9 @@ def locate(part: str, source: str, *, allow_pickle: bool = False, revision: str 
     return found
 
 
-def _recognise(part: str, path: Path, allow_pickle: bool) -> WeightSource:
+def _recognise(part: str, path: Path, allow_pickle: bool, clip_vit: bool) -> WeightSource:
+    if not clip_vit:
+        return WeightSource(part, "", path, "llavakit")
     if path.is_dir() and (path / "config.json").exists():
         config = read_json(path / "config.json")
         where = str(path / "config.json")
@@ -304,11 +311,12 @@ def plan_weights(config: ModelConfig, *, allow_pickle: bool = False) -> tuple[Mo
     registry = get_registry()
     sources: dict[str, WeightSource] = {}
     updates: dict[str, Any] = {}
+    clip_vit = registry.get("vision", config.vision.name).factory is ClipVisionTower
     for part in PART_PREFIXES:
         ref: ComponentRef = getattr(config, part)
         if not ref.weights:
             continue
-        found = locate(part, ref.weights, allow_pickle=allow_pickle)
+        found = locate(part, ref.weights, allow_pickle=allow_pickle, clip_vit=clip_vit)
         sources[part] = found
         if found.options is not None:
             updates[part] = _fit_options(part, ref, found, registry)

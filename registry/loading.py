@@ -37,12 +37,9 @@ from llavakit.registry.hf_config import (
     is_original_llava,
     original_vision_tower,
 )
-from llavakit.registry.model import LlavakitModel
+from llavakit.registry.model import LLAVAKIT_CONFIG, LlavakitModel
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
-
-#: The config file of a folder saved in the llavakit layout (see docs/checkpoints.md).
-LLAVAKIT_CONFIG = "llavakit.json"
 
 
 def load_model(

@@ -14,6 +14,9 @@ from llavakit.core.model import LlavaNextModel
 #: The four parts, as named in ``build_model(weights=...)`` and ``model.untrained``.
 PARTS: tuple[str, ...] = ("vision", "projector", "tiler", "llm")
 
+#: The config file of a folder saved in the llavakit layout (see docs/checkpoints.md).
+LLAVAKIT_CONFIG = "llavakit.json"
+
 
 class LlavakitModel(LlavaNextModel):
     """A :class:`~llavakit.core.model.LlavaNextModel` that knows its provenance and can save itself.
