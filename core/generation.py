@@ -419,7 +419,9 @@ class IncrementalText:
 
     The whole generated sequence is decoded each time (so tokenizers that merge spaces across tokens decode
     correctly), and only text up to the last word boundary is released; a trailing ``U+FFFD`` means bytes of
-    a character are still to come. Text from a stop string on is never released.
+    a character are still to come. Text from a stop string on is never released. For valid UTF-8 the pieces
+    add up to the decoded answer; bytes that never form a character (an untrained model's output) are shown
+    as the replacement characters they decoded to when released.
     """
 
     def __init__(self, decoder: TextDecoder, stop_strings: Sequence[str] = ()):
@@ -503,9 +505,8 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        """The answer so far (complete once the iterator is exhausted), without any stop string."""
-        end = self._text._stop_index()
-        return self._text.text if end is None else self._text.text[:end]
+        """The text released so far: the whole answer once the iterator is exhausted, without any stop string."""
+        return self._text.text[: self._text.released]
 
     @property
     def token_ids(self) -> list[int]:
