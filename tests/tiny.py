@@ -168,7 +168,7 @@ def save_causal_lm(path: Path, model, family: str = "mistral", *, vocab_size: in
     state = {f"model.{k}": v for k, v in state.items()}
     state["lm_head.weight"] = model.lm_head.weight
     if vocab_size is not None:
-        text_config = type(text_config)(**{**text_config.to_dict(), "vocab_size": vocab_size})
+        text_config = type(text_config)(**{**text_config.to_dict(), "vocab_size": vocab_size, "pad_token_id": None})
         state = {k: (v[:vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in state.items()}
     lm = AutoModelForCausalLM.from_config(text_config).eval()
     lm.load_state_dict(state)
