@@ -22,13 +22,14 @@ Errors about values are :class:`~llavakit.core.errors.ImageError` (a ``ValueErro
 its file) and say what to do.
 
 :func:`resize_bicubic` reproduces PIL's ``BICUBIC`` resize pixel for pixel (it *is* PIL's resize) but splits
-the work in strips over all cores: the resize is separable (a horizontal pass whose rows are independent,
-then a vertical pass whose columns are independent), so strips of each pass computed separately give the
-identical image.
+the work in strips over all cores: the resize is separable (a horizontal pass whose rows are independent and
+a vertical pass whose columns are independent, in the order PIL picks), so strips of each pass computed
+separately give the identical image.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -294,20 +295,36 @@ MIN_PIXELS_TO_SPLIT = 64 * 64
 def resize_bicubic(image: Image.Image, size: ImageSize) -> Image.Image:
     """PIL's ``resize(..., BICUBIC)`` to ``size`` (height, width), identical pixels, computed on all cores.
 
-    PIL resizes in two passes with an 8-bit image between them: horizontal (each row on its own), then
-    vertical (each column on its own), with coefficients that depend only on the input and output lengths.
-    So the horizontal pass is run on strips of rows and the vertical pass on strips of columns, each strip a
-    separate PIL call in a thread; pasted together they are the image PIL computes in one call.
+    PIL resizes in two passes with an 8-bit image between them: horizontal (each row on its own) and vertical
+    (each column on its own), with coefficients that depend only on the input and output lengths, in an order
+    PIL picks from the sizes. So each pass is run, in PIL's order, on strips (of rows for the horizontal pass,
+    of columns for the vertical one), each strip a separate PIL call in a thread; pasted together they are
+    the image PIL computes in one call.
     """
     height, width = size
     parts = num_workers()
     if (width, height) == image.size or parts == 1 or getattr(_WORKER, "active", False) or height * width < MIN_PIXELS_TO_SPLIT:
         return image.resize((width, height), Image.Resampling.BICUBIC)
+    shrink_h, shrink_w = image.height - height, image.width - width
+    if _pil_runs_vertical_first() and shrink_h > 0 and shrink_h > shrink_w * 2:
+        image = _resize_in_strips(image, (image.width, height), parts, horizontal=False)
+        return _resize_in_strips(image, (width, height), parts, horizontal=True) if width != image.width else image
     if width != image.width:
         image = _resize_in_strips(image, (width, image.height), parts, horizontal=True)
     if height != image.height:
         image = _resize_in_strips(image, (width, height), parts, horizontal=False)
     return image
+
+
+@functools.cache
+def _pil_runs_vertical_first() -> bool:
+    """Whether this Pillow runs the vertical pass first when the height shrinks more than twice the width
+    (Pillow 11+ does; older versions always start horizontally). The pass order changes the 8-bit image
+    between the passes, so it is probed once on a small image rather than assumed."""
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 16, 3), dtype=np.uint8))
+    whole = probe.resize((12, 16), Image.Resampling.BICUBIC)
+    vertical_then_horizontal = probe.resize((16, 16), Image.Resampling.BICUBIC).resize((12, 16), Image.Resampling.BICUBIC)
+    return whole.tobytes() == vertical_then_horizontal.tobytes()
 
 
 def _resize_in_strips(image: Image.Image, size: tuple[int, int], parts: int, *, horizontal: bool) -> Image.Image:

@@ -178,8 +178,8 @@ def _set_bos_eos(backend, bos: str | None, eos: str | None, add_bos: bool, add_e
 
 def convert_sentencepiece(model_file: Path, *, add_prefix_space: bool | None = None, legacy: bool | None = None):
     """A ``tokenizers`` BPE tokenizer equivalent to a SentencePiece BPE ``tokenizer.model`` (Llama/Mistral style),
-    built as transformers 5 converts it: the pieces as vocabulary, merges ranked by piece score, byte fallback,
-    the control pieces as special tokens."""
+    built as transformers 5 converts it: the pieces as vocabulary, merges ranked by the merged piece's id,
+    byte fallback, control pieces as special tokens and user-defined pieces as plain added tokens."""
     try:
         import sentencepiece as spm
     except ImportError as err:
@@ -195,29 +195,49 @@ def convert_sentencepiece(model_file: Path, *, add_prefix_space: bool | None = N
         raise CheckpointError(f"{model_file}: not a readable SentencePiece model ({err})") from err
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     vocab = {piece: index for index, piece in enumerate(pieces)}
-    scores = {piece: sp.get_score(index) for index, piece in enumerate(pieces)}
     unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
     backend = Tokenizer(
-        models.BPE(vocab=vocab, merges=sentencepiece_merges(vocab, scores), unk_token=unk, fuse_unk=True,
-                   byte_fallback=True)
+        models.BPE(vocab=vocab, merges=sentencepiece_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
     )
-    controls = [pieces[i] for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
-    backend.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in controls])
+    added = [
+        AddedToken(pieces[index], special=special, normalized=False)
+        for index, special in _sentencepiece_added_pieces(sp, Path(model_file))
+    ]
+    for token in added:
+        backend.add_special_tokens([token]) if token.special else backend.add_tokens([token])
     _llama_style(backend, add_prefix_space=add_prefix_space, legacy=legacy)
     return backend
 
 
-def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+#: SentencePiece piece types (sentencepiece_model.proto): control pieces are special added tokens,
+#: user-defined pieces plain added tokens.
+SPM_CONTROL, SPM_USER_DEFINED = 3, 4
+
+
+def _sentencepiece_added_pieces(sp, model_file: Path) -> list[tuple[int, bool]]:
+    """``(id, special)`` of the control and user-defined pieces; without protobuf, the control pieces only."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        return [(index, True) for index in range(sp.get_piece_size()) if sp.is_control(index)]
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    return [
+        (index, piece.type == SPM_CONTROL)
+        for index, piece in enumerate(proto.pieces)
+        if piece.type in (SPM_CONTROL, SPM_USER_DEFINED)
+    ]
+
+
+def sentencepiece_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces, ranked by the
-    piece's score (highest first), ties by the lengths of the halves, then by their ids (transformers' rule)."""
+    merged piece's id, then by the lengths and ids of the halves (transformers' ``generate_merges``)."""
     merges = []
-    for piece, score in scores.items():
-        local = [
-            (piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
-        ]
+    for piece, rank in vocab.items():
+        local = [(piece[:i], piece[i:], rank) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
     return [(left, right) for left, right, _ in merges]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.tiny import IMAGE_TOKEN_INDEX, PAD_TOKEN_ID
+from tiny import IMAGE_TOKEN_INDEX, PAD_TOKEN_ID
 
 CORPUS = [
     "What is shown in this image? Describe the picture in detail.",
