@@ -467,7 +467,7 @@ def load_weights(
         cast = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
         tensor = tensor.to(device=device, dtype=cast)
         if tuple(tensor.shape) != tuple(target.shape):  # a growable matrix: append mean rows
-            tensor = _grow_rows(tensor, target.shape[0])
+            tensor = grow_rows_with_mean(tensor, target.shape[0])
             report.grown_rows[name] = (int(checkpoint.tensors[key].shape[0]), int(target.shape[0]))
         _assign(model, name, tensor, isinstance(target, nn.Parameter))
         report.loaded.add(name)
@@ -490,7 +490,7 @@ def _shard_bar(checkpoint: Checkpoint, progress: bool):
     return tqdm(total=len(checkpoint.files), desc=f"loading {Path(checkpoint.where).name}", unit="shard", disable=None)
 
 
-def _grow_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def grow_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """``tensor`` with rows appended up to ``rows``, each the mean of the existing rows (new-token init)."""
     grown = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     grown[: tensor.shape[0]] = tensor

@@ -14,6 +14,7 @@ from llavakit.core.errors import LlavakitError
 COMMAND_MODULES: tuple[str, ...] = (
     "llavakit.registry.commands.plugins",
     "llavakit.registry.commands.inspect",
+    "llavakit.registry.commands.convert",
 )
 
 

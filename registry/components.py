@@ -46,6 +46,7 @@ from llavakit.registry.checkpoints import (
     Keymap,
     SafetensorsCheckpoint,
     TensorDictCheckpoint,
+    grow_rows_with_mean,
     index_files,
     is_ignored,
     load_weights,
@@ -409,3 +410,38 @@ def load_sources(
         )
         model.untrained.discard(part)
         model.untrained_rows.update(report.grown_rows)
+
+
+def add_image_tokens(model) -> dict[str, int]:
+    """Give a model whose vocabulary has no ``<image>``/``<pad>`` rows (an original LLaVA checkpoint) those
+    rows, as the llava-hf conversion does: the embedding and ``lm_head`` grow to ``vocabulary + 2`` rounded up
+    to a multiple of 64, new rows start at the mean row and are listed in ``model.untrained_rows``, and the
+    image token becomes the first new id. Returns the new tokens' ids."""
+    from llavakit.plugins.llama import LlamaDecoder
+
+    llm = model.language_model
+    if type(llm) is not LlamaDecoder:
+        raise ConfigError(f"adding vocabulary rows is supported for the built-in Llama-family decoder, not {model.config.llm.name!r}")
+    trained = llm.vocab_size
+    rows = round_up(trained + len(ADDED_TOKENS), VOCAB_MULTIPLE)
+    embedding = _mean_grown(llm.embed_tokens.weight, rows)
+    llm.embed_tokens.weight, llm.embed_tokens.num_embeddings = embedding, rows
+    if llm.config.tie_word_embeddings:
+        llm.lm_head.weight = embedding
+    else:
+        llm.lm_head.weight = _mean_grown(llm.lm_head.weight, rows)
+    llm.lm_head.out_features = llm.vocab_size = rows
+    llm.config = llm.config.model_copy(update={"vocab_size": rows})
+    for name in VOCAB_MATRICES:
+        model.untrained_rows[name] = (trained, rows)
+    model.image_token_index = trained
+    options = {**model.config.llm.options, "vocab_size": rows}
+    model.config = model.config.model_copy(
+        update={"image_token_index": trained, "llm": model.config.llm.model_copy(update={"options": options})}
+    )
+    return {token: trained + offset for offset, token in enumerate(ADDED_TOKENS)}
+
+
+def _mean_grown(weight: torch.Tensor, rows: int) -> nn.Parameter:
+    with torch.no_grad():
+        return nn.Parameter(grow_rows_with_mean(weight.detach(), rows), requires_grad=weight.requires_grad)

@@ -89,7 +89,7 @@ def load_model(
 
         if has_tokenizer_files(path):
             model.processor = load_processor(path, model=model)
-    model.source = str(source)
+    model.source, model.source_folder = str(source), path
     return model
 
 

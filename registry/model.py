@@ -21,7 +21,8 @@ LLAVAKIT_CONFIG = "llavakit.json"
 class LlavakitModel(LlavaNextModel):
     """A :class:`~llavakit.core.model.LlavaNextModel` that knows its provenance and can save itself.
 
-    - ``source``: the folder, hub id or config file it was loaded from (``None`` when assembled).
+    - ``source``: the folder, hub id or config file it was loaded from (``None`` when assembled), and
+      ``source_folder`` the local folder that held it (a hub snapshot for a hub id).
     - ``untrained``: parts whose weights were initialised rather than loaded (``{"vision", "llm", …}``).
     - ``untrained_rows``: ``{parameter name: (first, end)}`` row ranges added for new tokens (the
       ``<image>``/``<pad>`` rows of a stock LLM), initialised to the mean of the trained rows.
@@ -31,6 +32,7 @@ class LlavakitModel(LlavaNextModel):
     def __init__(self, **components):
         super().__init__(**components)
         self.source: str | None = None
+        self.source_folder: Path | None = None
         self.untrained: set[str] = set(PARTS)
         self.untrained_rows: dict[str, tuple[int, int]] = {}
         self.processor = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from llavakit.core.errors import ConfigError
 from llavakit.registry.checkpoints import LLAVA_HF_SAVE_KEYMAP
 from llavakit.registry.hf_config import to_llava_next
+from llavakit.registry.hub import PROCESSOR_FILES
 from llavakit.registry.model import LLAVAKIT_CONFIG, PARTS, LlavakitModel
 
 LAYOUTS = ("auto", "llava-hf", "llavakit")
@@ -208,10 +210,109 @@ def save_pretrained(
         written = _save_llava_hf(model, folder, limit)
     for stale in _stale_files(folder, written):
         stale.unlink()
+    _save_processor(model, folder)
+    return folder
+
+
+def _save_processor(model: LlavakitModel, folder: Path) -> None:
+    """The processor saves itself when it can; otherwise the tokenizer, image-processor and chat-template
+    files of the folder the model came from are copied unchanged."""
     processor = getattr(model, "processor", None)
     if processor is not None and hasattr(processor, "save_pretrained"):
         processor.save_pretrained(folder)
-    return folder
+        return
+    source = getattr(model, "source_folder", None)
+    if source is None or not Path(source).is_dir() or Path(source).resolve() == folder.resolve():
+        return
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, folder / name)
+
+
+def add_tokens_to_tokenizer_files(folder: Path, tokens: Mapping[str, int]) -> list[str]:
+    """Add special ``tokens`` (``{"<image>": 32000, "<pad>": 32001}``) to the tokenizer files in ``folder``,
+    checking each gets the id the model expects; returns the files changed.
+
+    ``tokenizer.json`` gains them as added special tokens; a SentencePiece-only folder gets an
+    ``added_tokens.json`` (as the older llava-hf repos have); ``tokenizer_config.json`` names ``<pad>`` as
+    the pad token and lists the new tokens.
+    """
+    folder = Path(folder)
+    changed: list[str] = []
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import AddedToken, Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        for token, expected in tokens.items():
+            if tokenizer.token_to_id(token) is None:
+                tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+            found = tokenizer.token_to_id(token)
+            if found != expected:
+                raise ConfigError(
+                    f"{folder / 'tokenizer.json'}: {token} gets id {found} but the model expects {expected}; the "
+                    "tokenizer's vocabulary does not match the model's"
+                )
+        with _replacing(folder / "tokenizer.json", "w") as handle:
+            handle.write(tokenizer.to_str())
+        changed.append("tokenizer.json")
+    elif (folder / "tokenizer.model").is_file():
+        added_path = folder / "added_tokens.json"
+        added = json.loads(added_path.read_text()) if added_path.is_file() else {}
+        write_json(added_path, {**added, **tokens})
+        changed.append("added_tokens.json")
+    else:
+        return changed
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        decoder = config.setdefault("added_tokens_decoder", {})
+        for token, token_id in tokens.items():
+            decoder[str(token_id)] = {
+                "content": token, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+            }
+        if "<pad>" in tokens and not config.get("pad_token"):
+            config["pad_token"] = "<pad>"
+        write_json(config_path, config)
+        changed.append("tokenizer_config.json")
+    return changed
+
+
+def convert(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    layout: str = "auto",
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    revision: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Path, list[str]]:
+    """Load ``source`` (any layout load_model reads) and save it to ``destination``; returns the folder and
+    notes for the user. An original LLaVA checkpoint bound for the llava-hf layout first gets its
+    ``<image>``/``<pad>`` rows (see :func:`~llavakit.registry.components.add_image_tokens`)."""
+    from llavakit.registry.components import add_image_tokens
+    from llavakit.registry.loading import load_model
+
+    model = load_model(source, dtype=dtype, revision=revision, allow_pickle=allow_pickle)
+    notes: list[str] = []
+    index, vocab = model.image_token_index, model.language_model.vocab_size
+    new_tokens: dict[str, int] = {}
+    if layout != "llavakit" and (index is None or not 0 <= index < vocab):
+        new_tokens = add_image_tokens(model)
+        notes.append(
+            f"added {', '.join(f'{t} (id {i})' for t, i in new_tokens.items())}: the vocabulary grew from {vocab} to "
+            f"{model.language_model.vocab_size} rows; the new rows are the mean row (untrained)"
+        )
+        model.processor = None  # its tokenizer predates the new tokens; the files are copied and extended
+    folder = save_pretrained(model, destination, max_shard_size=max_shard_size, layout=layout)
+    notes.insert(0, f"wrote the {saved_layout(folder)} layout to {folder}")
+    if new_tokens:
+        changed = add_tokens_to_tokenizer_files(folder, new_tokens)
+        notes.append(f"tokenizer: added the new tokens to {', '.join(changed)}" if changed else
+                     "no tokenizer files were found: add <image> and <pad> to the tokenizer with the ids above")
+    if model.untrained or model.untrained_rows:
+        notes.append("untrained: " + model.untrained_summary().replace("\n", "; "))
+    return folder, notes
 
 
 def saved_layout(folder: str | Path) -> str:
