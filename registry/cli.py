@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llavakit.registry.commands.plugins",
     "llavakit.registry.commands.inspect",
     "llavakit.registry.commands.convert",
+    "llavakit.registry.commands.train",
 )
 
 

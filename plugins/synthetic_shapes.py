@@ -1,0 +1,275 @@
+"""Synthetic shapes: seeded scenes of coloured shapes with questions and answers, the task of llavakit's demo model.
+
+A scene is a plain light background of a varied size and aspect ratio (336×336 up to 1344×1008, portrait or
+landscape) holding 1–4 non-overlapping shapes (circle, square, triangle in red, green, blue, yellow, purple or
+orange); no two shapes of a scene share both shape and colour. Each scene supports five question forms:
+
+==============  ==================================  ======================================
+form            question                            answer
+==============  ==================================  ======================================
+``color``       What color is the {shape}?          {Color}.  (the shape is unique)
+``shape``       What shape is {color}?              A {shape}.  (the colour is unique)
+``count``       How many shapes are there?          {n}.
+``exists``      Is there a {color} {shape}?         Yes. / No.
+``describe``    Describe the image.                 A red circle, a blue square.  (left to right)
+==============  ==================================  ======================================
+
+Everything is a pure function of a seed: scene ``i`` of a stream seeded ``s`` is the same on every machine,
+which makes training resumable step for step and held-out evaluation sets reproducible. This module is data
+generation only; it imports nothing from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 70),
+    "blue": (40, 90, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 30),
+}
+#: The five question forms, in the order tables list them; the first four are the "short" forms.
+FORMS: tuple[str, ...] = ("color", "shape", "count", "exists", "describe")
+SHORT_FORMS: tuple[str, ...] = FORMS[:4]
+
+#: Image sides in pixels: the short side up to 1008, the long side up to 1344 (the issue's 1344×1008 range).
+MIN_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE = 336, 1008, 1344
+#: Shape sizes as fractions of the image's shorter side. The issue's floor is 1/14; staying well above it
+#: keeps every shape over a full 14-px patch even when a 1344-px image is shrunk onto a 224-px AnyRes canvas.
+MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 7, 1 / 4
+#: Two centres must be this far apart horizontally (in mean shape widths) so "left to right" is unambiguous.
+MIN_HORIZONTAL_GAP = 0.75
+MAX_SHAPES = 4
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    """One shape: its kind, colour name, centre ``(x, y)`` and side/diameter ``size``, in pixels."""
+
+    shape: str
+    color: str
+    center_x: int
+    center_y: int
+    size: int
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        half = self.size // 2
+        return (self.center_x - half, self.center_y - half, self.center_x - half + self.size, self.center_y - half + self.size)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: image ``height`` × ``width``, a light ``background`` colour and its shapes (left to right)."""
+
+    height: int
+    width: int
+    background: tuple[int, int, int]
+    shapes: tuple[PlacedShape, ...]
+
+    def render(self) -> Image.Image:
+        image = Image.new("RGB", (self.width, self.height), self.background)
+        draw = ImageDraw.Draw(image)
+        for item in self.shapes:
+            left, top, right, bottom = item.box
+            fill = COLORS[item.color]
+            if item.shape == "circle":
+                draw.ellipse((left, top, right - 1, bottom - 1), fill=fill)
+            elif item.shape == "square":
+                draw.rectangle((left, top, right - 1, bottom - 1), fill=fill)
+            else:
+                draw.polygon([((left + right) / 2, top), (right - 1, bottom - 1), (left, bottom - 1)], fill=fill)
+        return image
+
+
+@dataclass(frozen=True)
+class QuestionAnswer:
+    form: str
+    question: str
+    answer: str
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """Draw one scene. Sizes, shapes, colours and positions all come from ``rng``."""
+    long_side = rng.randint(MIN_SIDE, MAX_LONG_SIDE)
+    short_side = rng.randint(MIN_SIDE, min(long_side, MAX_SHORT_SIDE))
+    height, width = (short_side, long_side) if rng.random() < 0.5 else (long_side, short_side)
+    background = tuple(rng.randint(225, 250) for _ in range(3))
+    count = rng.randint(1, MAX_SHAPES)
+    kinds = rng.sample([(shape, color) for shape in SHAPES for color in COLORS], count)
+    while True:
+        placed = _place(kinds, height, width, rng)
+        if placed is not None:
+            break
+    return Scene(height, width, background, tuple(sorted(placed, key=lambda s: s.center_x)))
+
+
+def _place(kinds: Sequence[tuple[str, str]], height: int, width: int, rng: random.Random) -> list[PlacedShape] | None:
+    """Rejection-sample non-overlapping positions for ``kinds``; ``None`` if this draw of sizes does not fit."""
+    short = min(height, width)
+    placed: list[PlacedShape] = []
+    for shape, color in kinds:
+        size = rng.randint(round(short * MIN_SIZE_FRACTION), round(short * MAX_SIZE_FRACTION))
+        margin = max(2, size // 10)
+        for _ in range(200):
+            cx = rng.randint(size // 2 + margin, width - size // 2 - margin)
+            cy = rng.randint(size // 2 + margin, height - size // 2 - margin)
+            candidate = PlacedShape(shape, color, cx, cy, size)
+            if all(_apart(candidate, other) for other in placed):
+                placed.append(candidate)
+                break
+        else:
+            return None
+    return placed
+
+
+def _apart(a: PlacedShape, b: PlacedShape) -> bool:
+    gap = max(a.size, b.size) // 10 + 2
+    overlap_x = abs(a.center_x - b.center_x) * 2 < a.size + b.size + 2 * gap
+    overlap_y = abs(a.center_y - b.center_y) * 2 < a.size + b.size + 2 * gap
+    distinct_x = abs(a.center_x - b.center_x) >= MIN_HORIZONTAL_GAP * (a.size + b.size) / 2
+    return distinct_x and not (overlap_x and overlap_y)
+
+
+def with_article(phrase: str) -> str:
+    """``"red circle"`` → ``"a red circle"``, ``"orange square"`` → ``"an orange square"``."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def describe(scene: Scene) -> str:
+    """The ``describe`` answer: every shape left to right by its centre, e.g. ``A red circle, a blue square.``"""
+    text = ", ".join(with_article(item.phrase) for item in sorted(scene.shapes, key=lambda s: s.center_x))
+    return text[0].upper() + text[1:] + "."
+
+
+def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | None = None) -> QuestionAnswer | None:
+    """One question of ``form`` about ``scene``, or ``None`` if the scene has no valid question of that form.
+
+    ``exists_answer`` forces the truth of an ``exists`` question (evaluation sets alternate it for an exact
+    half/half split); by default it is a coin flip.
+    """
+    if form == "color":
+        unique = [s for s in scene.shapes if sum(o.shape == s.shape for o in scene.shapes) == 1]
+        if not unique:
+            return None
+        item = rng.choice(unique)
+        return QuestionAnswer(form, f"What color is the {item.shape}?", f"{item.color.capitalize()}.")
+    if form == "shape":
+        unique = [s for s in scene.shapes if sum(o.color == s.color for o in scene.shapes) == 1]
+        if not unique:
+            return None
+        item = rng.choice(unique)
+        return QuestionAnswer(form, f"What shape is {item.color}?", f"A {item.shape}.")
+    if form == "count":
+        return QuestionAnswer(form, "How many shapes are there?", f"{len(scene.shapes)}.")
+    if form == "exists":
+        truth = rng.random() < 0.5 if exists_answer is None else exists_answer
+        if truth:
+            item = rng.choice(scene.shapes)
+            shape, color = item.shape, item.color
+        else:
+            shape, color = _absent_pair(scene, rng)
+        return QuestionAnswer(form, f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No.")
+    if form == "describe":
+        return QuestionAnswer(form, "Describe the image.", describe(scene))
+    raise ValueError(f"unknown question form {form!r}; use one of {', '.join(FORMS)}")
+
+
+def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A (shape, colour) not in the scene; mostly a near miss sharing the shape or the colour of a present one,
+    so answering needs the binding of colour to shape, not just either alone."""
+    present = {(s.shape, s.color) for s in scene.shapes}
+    absent = [(shape, color) for shape in SHAPES for color in COLORS if (shape, color) not in present]
+    near = [p for p in absent if any(p[0] == s.shape or p[1] == s.color for s in scene.shapes)]
+    return rng.choice(near if near and rng.random() < 0.75 else absent)
+
+
+def scene_rng(seed: int, index: int) -> random.Random:
+    """The random stream of scene ``index`` in a set seeded ``seed`` (independent of every other scene)."""
+    return random.Random(f"synthetic-shapes:{seed}:{index}")
+
+
+def training_conversation(scene: Scene, rng: random.Random) -> list[QuestionAnswer]:
+    """Every form that applies to ``scene``, in a random order: one multi-turn conversation per image."""
+    forms = list(FORMS)
+    rng.shuffle(forms)
+    return [qa for qa in (ask(scene, form, rng) for form in forms) if qa is not None]
+
+
+def llava_record(image: str, turns: Sequence[QuestionAnswer], record_id: str | None = None) -> dict:
+    """A record in the LLaVA instruction format, ``<image>`` opening the first human turn."""
+    conversations = []
+    for index, turn in enumerate(turns):
+        prefix = "<image>\n" if index == 0 else ""
+        conversations.append({"from": "human", "value": prefix + turn.question})
+        conversations.append({"from": "gpt", "value": turn.answer})
+    record = {"image": image, "conversations": conversations}
+    return {"id": record_id, **record} if record_id is not None else record
+
+
+def iter_training_examples(seed: int, start: int = 0) -> Iterator[tuple[Image.Image, list[QuestionAnswer]]]:
+    """An endless stream of ``(image, conversation)`` from scene ``start`` on (resuming is ``start=k``)."""
+    index = start
+    while True:
+        rng = scene_rng(seed, index)
+        scene = sample_scene(rng)
+        yield scene.render(), training_conversation(scene, rng)
+        index += 1
+
+
+def evaluation_set(num_scenes: int, seed: int) -> list[tuple[Scene, list[QuestionAnswer]]]:
+    """``num_scenes`` held-out scenes, each with one question of every applicable form.
+
+    ``exists`` questions alternate Yes/No scene by scene, so exactly half (±1) of them are true.
+    """
+    items = []
+    for index in range(num_scenes):
+        rng = scene_rng(seed, index)
+        scene = sample_scene(rng)
+        questions = [ask(scene, form, rng, exists_answer=index % 2 == 0) for form in FORMS]
+        items.append((scene, [qa for qa in questions if qa is not None]))
+    return items
+
+
+def write_dataset(folder: str | Path, num_scenes: int, seed: int, *, jsonl: bool = True) -> Path:
+    """Render ``num_scenes`` scenes as PNGs plus a LLaVA-format ``data.jsonl`` (or ``data.json``) in ``folder``."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (image, turns) in zip(range(num_scenes), iter_training_examples(seed)):
+        name = f"images/scene-{index:06d}.png"
+        image.save(folder / name)
+        records.append(llava_record(name, turns, record_id=f"scene-{index:06d}"))
+    if jsonl:
+        path = folder / "data.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    else:
+        path = folder / "data.json"
+        path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    return path
+
+
+def task_text(num_scenes: int = 2000, seed: int = 0) -> Iterator[str]:
+    """Every question and answer string of ``num_scenes`` scenes (the tokenizer's training text)."""
+    for scene_index in range(num_scenes):
+        rng = scene_rng(seed, scene_index)
+        scene = sample_scene(rng)
+        for form in FORMS:
+            qa = ask(scene, form, rng)
+            if qa is not None:
+                yield qa.question
+                yield qa.answer

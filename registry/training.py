@@ -1,0 +1,497 @@
+"""``llavakit train CONFIG``: staged training from a config file, with checkpoints that resume exactly.
+
+A training config (YAML, TOML or JSON) names the model (built from scratch with ``model:``, or loaded from a
+checkpoint folder with ``init:``), the tokenizer (an existing folder, or a byte-level BPE trained on the
+data's text), the chat template, the data and a list of stages. Each stage sets, per component (``vision``,
+``projector``, ``tiler``, ``llm``), whether it is frozen and its learning rate, which is all the LLaVA recipe
+needs:
+
+- stage 1 (alignment): ``vision`` and ``llm`` frozen; only the projector (and ``image_newline``) train. A
+  frozen vision tower runs under ``torch.no_grad`` (no activations stored: nothing upstream of it trains); a
+  frozen LLM only has ``requires_grad=False`` and keeps its activations, because the projector's gradient
+  flows back through it.
+- stage 2 (instruction tuning): the LLM trains too, optionally the vision tower at its own learning rate.
+- every part from scratch: nothing frozen.
+
+Each stage runs ``steps`` optimizer steps of ``batch_size × grad_accum`` examples with AdamW, linear warm-up
+then cosine decay to ``min_lr_ratio`` of the peak, gradient clipping and bf16 autocast where the hardware
+has fast bf16. The loss of a step is the mean over every answer token of its micro-batches.
+
+Output folder: ``tokenizer/`` (when trained), ``checkpoints/step-NNNNNN/`` (a llava-hf folder plus
+``training_state.pt``: optimizer, scheduler, position in the data), ``model/`` (the final llava-hf folder)
+and ``log.jsonl`` (one line per logged step). Examples are addressed by index (the synthetic source is a
+pure function of its seed, a JSON dataset is shuffled per epoch with a seeded permutation), so a run resumed
+from a checkpoint sees the same examples and reproduces the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llavakit.core.chat import ChatTemplate
+from llavakit.core.config import ModelConfig
+from llavakit.core.errors import CheckpointError, ConfigError
+from llavakit.core.model import IGNORE_INDEX
+
+Component = Literal["vision", "projector", "tiler", "llm"]
+#: Config component name → the model's submodule.
+COMPONENT_MODULES: dict[str, str] = {
+    "vision": "vision_tower", "projector": "projector", "tiler": "tiler", "llm": "language_model",
+}
+STATE_FILE = "training_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- config
+class ComponentSettings(BaseModel):
+    """How one component trains in a stage: frozen or not, and its own peak learning rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    freeze: bool = False
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate; default: the stage's lr")
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    steps: int = Field(gt=0, description="optimizer steps")
+    batch_size: int = Field(default=8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(gt=0, description="peak learning rate of the components without their own")
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine decay floor, as a fraction of the peak")
+    weight_decay: float = Field(default=0.0, ge=0, description="applied to matrices only, never to norms or biases")
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    components: dict[Component, ComponentSettings] = Field(default_factory=dict)
+    save_every: int | None = Field(default=None, gt=0, description="checkpoint every N steps (and always at the end)")
+
+    def settings(self, component: str) -> ComponentSettings:
+        return self.components.get(component, ComponentSettings())  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> StageConfig:
+        if all(self.settings(c).freeze for c in COMPONENT_MODULES):
+            raise ValueError(f"stage {self.name!r} freezes every component; leave at least one to train")
+        return self
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["synthetic-shapes", "llava-json"]
+    seed: int = 0
+    path: str | None = Field(default=None, description="llava-json: the JSON or JSONL file")
+    image_folder: str | None = Field(default=None, description="llava-json: images are relative to it")
+    max_length: int | None = Field(default=None, gt=0, description="refuse longer examples (tokens, images included)")
+
+    @model_validator(mode="after")
+    def _path_for_json(self) -> DataConfig:
+        if self.source == "llava-json" and not self.path:
+            raise ValueError("source 'llava-json' needs path: the dataset's .json or .jsonl file")
+        return self
+
+
+class TokenizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="an existing tokenizer folder")
+    vocab_size: int | None = Field(default=None, gt=0, description="train a byte-level BPE of this size instead")
+    training_conversations: int = Field(default=5000, gt=0, description="conversations of the data to train it on")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if (self.path is None) == (self.vocab_size is None):
+            raise ValueError("give either path (an existing tokenizer) or vocab_size (train one), not both or neither")
+        return self
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig | None = Field(default=None, description="build this model from scratch (seeded)")
+    init: str | None = Field(default=None, description="or start from this checkpoint folder")
+    tokenizer: TokenizerConfig | None = Field(default=None, description="default: the init folder's tokenizer")
+    chat_template: str | None = Field(default=None, description="a Jinja file, or a registered template name")
+    data: DataConfig
+    output: str = Field(description="run folder, relative to the working directory")
+    seed: int = 0
+    threads: int | None = Field(default=None, gt=0, description="torch CPU threads (default: torch's choice)")
+    autocast: Literal["auto", "bfloat16", "none"] = "auto"
+    log_every: int = Field(default=10, gt=0)
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _model_source(self) -> TrainingConfig:
+        if (self.model is None) == (self.init is None):
+            raise ValueError("give either model (build from scratch) or init (a checkpoint folder), not both or neither")
+        if self.init is None and self.tokenizer is None:
+            raise ValueError("a model built from scratch needs a tokenizer section (path, or vocab_size to train one)")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+
+def read_training_config(path: str | Path) -> TrainingConfig:
+    """Read and validate a training config. Relative paths of inputs (init, tokenizer, chat template, data) are
+    relative to the file's folder, so a config travels with its files; ``output`` is relative to the working
+    directory, so a packaged config never writes into the installed package."""
+    from llavakit.registry.config_files import read_config_data
+
+    path = Path(path)
+    data = read_config_data(path)
+    try:
+        config = TrainingConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: invalid training config:\n" + "\n".join(lines)) from None
+    base = path.parent
+
+    def anchored(value: str) -> str:
+        return value if Path(value).is_absolute() else str(base / value)
+
+    updates: dict[str, Any] = {}
+    if config.init is not None:
+        updates["init"] = anchored(config.init)
+    if config.chat_template is not None and config.chat_template.endswith(".jinja"):
+        updates["chat_template"] = anchored(config.chat_template)
+    if config.tokenizer is not None and config.tokenizer.path is not None:
+        updates["tokenizer"] = config.tokenizer.model_copy(update={"path": anchored(config.tokenizer.path)})
+    if config.data.path is not None:
+        image_folder = anchored(config.data.image_folder) if config.data.image_folder is not None else None
+        updates["data"] = config.data.model_copy(update={"path": anchored(config.data.path), "image_folder": image_folder})
+    return config.model_copy(update=updates)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def make_source(data: DataConfig):
+    from llavakit.registry.datasets import LlavaJsonDataset, SyntheticShapesSource
+
+    if data.source == "synthetic-shapes":
+        return SyntheticShapesSource(seed=data.seed)
+    return LlavaJsonDataset(data.path, data.image_folder)
+
+
+def load_chat_template(name: str | None) -> ChatTemplate | None:
+    """A template from a ``.jinja`` file or a registered name (``None``: the tokenizer folder's own)."""
+    if name is None:
+        return None
+    if name.endswith(".jinja"):
+        path = Path(name)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: chat template file not found")
+        return ChatTemplate(name=path.stem, source=path.read_text(encoding="utf-8"))
+    from llavakit.registry.plugins import get_registry
+
+    return get_registry().get("chat_template", name).factory
+
+
+def prepare_tokenizer(config: TrainingConfig, template: ChatTemplate | None, source, output: Path) -> Path:
+    """The tokenizer folder to use: the configured one, or a BPE trained now on the data's conversations."""
+    from llavakit.registry.tokenizer_training import SPECIAL_TOKENS, train_bpe_tokenizer, write_tokenizer_folder
+
+    settings = config.tokenizer
+    if settings is None:
+        return Path(config.init)
+    if settings.path is not None:
+        return Path(settings.path)
+    if template is None:
+        raise ConfigError("training a tokenizer needs chat_template: the conversations are rendered with it")
+    variables = {"bos_token": SPECIAL_TOKENS["bos_token"], "eos_token": SPECIAL_TOKENS["eos_token"]}
+    texts = [
+        template.render(messages, add_generation_prompt=False, **variables)
+        for messages in source.texts(settings.training_conversations)
+    ]
+    tokenizer = train_bpe_tokenizer(texts, settings.vocab_size)
+    return write_tokenizer_folder(tokenizer, output / "tokenizer", template)
+
+
+def resolve_autocast(setting: str, device: torch.device) -> torch.dtype | None:
+    """bf16 under ``auto`` on CUDA with bf16 support and on CPUs with AVX512-BF16 or AMX, else none."""
+    if setting == "none":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): linear warm-up, cosine decay."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    span = max(1, stage.steps - stage.warmup_steps)
+    progress = min(1.0, (step - stage.warmup_steps) / span)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def configure_components(model, stage: StageConfig) -> list[dict[str, Any]]:
+    """Freeze and unfreeze per the stage; the optimizer's parameter groups (decay on matrices only)."""
+    groups = []
+    for component, attribute in COMPONENT_MODULES.items():
+        settings = stage.settings(component)
+        module = getattr(model, attribute)
+        module.requires_grad_(not settings.freeze)
+        if settings.freeze:
+            continue
+        lr = settings.lr or stage.lr
+        params = [p for p in module.parameters()]
+        matrices = [p for p in params if p.ndim >= 2]
+        vectors = [p for p in params if p.ndim < 2]
+        for group_params, decay in ((matrices, stage.weight_decay), (vectors, 0.0)):
+            if group_params:
+                groups.append({"params": group_params, "lr": lr, "weight_decay": decay, "component": component})
+    return groups
+
+
+@contextmanager
+def without_activations(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Run ``module`` under ``torch.no_grad`` while inside (a frozen vision tower: nothing before it trains,
+    so storing its activations would only cost memory and time)."""
+    if not enabled:
+        yield
+        return
+    module.forward = torch.no_grad()(type(module).forward.__get__(module))
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def example_indices(source, first_sample: int, count: int, seed: int) -> list[int]:
+    """Source indices of samples ``first_sample … first_sample + count - 1`` of the run.
+
+    An endless source is read in order; a finite one in a fresh seeded permutation every epoch.
+    """
+    if source.size is None:
+        return list(range(first_sample, first_sample + count))
+    indices = []
+    for sample in range(first_sample, first_sample + count):
+        epoch, position = divmod(sample, source.size)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        indices.append(int(torch.randperm(source.size, generator=generator)[position]))
+    return indices
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: the stage, the optimizer step within it, and the samples consumed so far."""
+
+    stage: int = 0
+    step: int = 0
+    samples: int = 0
+    elapsed_s: float = 0.0
+
+
+def save_checkpoint(model, folder: Path, tokenizer_folder: Path, state: TrainingState, optimizer, scheduler) -> Path:
+    """A llava-hf folder (weights, config, tokenizer, chat template) plus ``training_state.pt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    copy_tokenizer_files(tokenizer_folder, folder)
+    torch.save(
+        {
+            "stage": state.stage, "step": state.step, "samples": state.samples, "elapsed_s": state.elapsed_s,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        },
+        folder / STATE_FILE,
+    )
+    return folder
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Tokenizer and chat-template files the model folder lacks (the processor's own save writes them first)."""
+    if source.resolve() == target.resolve():
+        return
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).is_file() and not (target / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: no {STATE_FILE}, so this is not a training checkpoint to resume from; pass a "
+            "checkpoints/step-NNNNNN folder of a run (or use it as init: to start a new run from its weights)"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class StepResult:
+    loss: float
+    answer_tokens: int
+
+
+def training_step(model, processor, source, stage: StageConfig, state: TrainingState, optimizer, *,
+                  seed: int, max_length: int | None, autocast: torch.dtype | None, frozen_vision: bool) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches; the loss is the mean over all their answer tokens."""
+    from llavakit.registry.datasets import collate, encode_example
+
+    device = model.device
+    pad_id = processor.tokenizer.pad_token_id
+    micro_batches = []
+    for micro in range(stage.grad_accum):
+        first = state.samples + micro * stage.batch_size
+        indices = example_indices(source, first, stage.batch_size, seed)
+        encoded = [encode_example(processor, source.example(i), max_length=max_length) for i in indices]
+        micro_batches.append(collate(encoded, pad_id))
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
+    total = sum(counts)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    with without_activations(model.vision_tower, frozen_vision):
+        for batch, count in zip(micro_batches, counts):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = model(**batch).loss
+            (loss * (count / total)).backward()
+            loss_sum += float(loss.detach()) * count
+    if stage.max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+    optimizer.step()
+    return StepResult(loss=loss_sum / total, answer_tokens=total)
+
+
+def train(config_path: str | Path, *, resume: str | Path | None = None, output: str | Path | None = None,
+          progress: bool = True, max_steps: int | None = None) -> Path:
+    """Run the training config at ``config_path`` (or resume it from a checkpoint); return the final model folder.
+
+    ``output`` overrides the config's run folder. ``max_steps`` stops after that many optimizer steps in this
+    call (for tests and smoke runs); the schedule still follows the configured ``steps``.
+    """
+    from tqdm.auto import tqdm
+
+    from llavakit.registry.assembly import build_from_config, resolve_dtype
+    from llavakit.registry.loading import load_model
+    from llavakit.registry.processing import processor_for_model
+
+    config = read_training_config(config_path)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    output = Path(output if output is not None else config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    source = make_source(config.data)
+    template = load_chat_template(config.chat_template)
+
+    saved: dict[str, Any] | None = None
+    if resume is not None:
+        resume = Path(resume)
+        saved = read_state(resume)
+        model = load_model(resume)
+        tokenizer_folder = resume
+        state = TrainingState(saved["stage"], saved["step"], saved["samples"], saved["elapsed_s"])
+    else:
+        tokenizer_folder = prepare_tokenizer(config, template, source, output)
+        if config.model is not None:
+            model = build_from_config(config.model, dtype=resolve_dtype(config.model.dtype), seed=config.seed)
+        else:
+            model = load_model(config.init)
+        state = TrainingState()
+    model.processor = processor_for_model(model, tokenizer_folder, chat_template=template)
+    _check_vocabulary(model)
+    autocast = resolve_autocast(config.autocast, model.device)
+    log_path = output / LOG_FILE
+    _trim_log(log_path, state)
+    started = time.perf_counter() - state.elapsed_s
+    steps_run = 0
+
+    for stage_index in range(state.stage, len(config.stages)):
+        stage = config.stages[stage_index]
+        if stage_index != state.stage:
+            state = TrainingState(stage_index, 0, state.samples, state.elapsed_s)
+        groups = configure_components(model, stage)
+        optimizer = torch.optim.AdamW(groups, betas=stage.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, stage=stage: lr_factor(step, stage))
+        if saved is not None and saved["stage"] == stage_index:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        frozen_vision = stage.settings("vision").freeze
+        model.train()
+        bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.name}", disable=not progress, unit="step")
+        while state.step < stage.steps:
+            if max_steps is not None and steps_run >= max_steps:
+                bar.close()
+                return output
+            result = training_step(
+                model, model.processor, source, stage, state, optimizer, seed=config.seed,
+                max_length=config.data.max_length, autocast=autocast, frozen_vision=frozen_vision,
+            )
+            scheduler.step()
+            state.step += 1
+            state.samples += stage.batch_size * stage.grad_accum
+            state.elapsed_s = time.perf_counter() - started
+            steps_run += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state.step % config.log_every == 0 or state.step == stage.steps or state.step == 1:
+                _log(log_path, stage, state, result, scheduler)
+            if (stage.save_every and state.step % stage.save_every == 0) or state.step == stage.steps:
+                save_checkpoint(model, output / "checkpoints" / f"step-{_global_step(config, state):06d}",
+                                tokenizer_folder, state, optimizer, scheduler)
+        bar.close()
+        saved = None
+    model.eval()
+    final = output / "model"
+    model.save_pretrained(final)
+    copy_tokenizer_files(tokenizer_folder, final)
+    return final
+
+
+def _global_step(config: TrainingConfig, state: TrainingState) -> int:
+    return sum(stage.steps for stage in config.stages[: state.stage]) + state.step
+
+
+def _check_vocabulary(model) -> None:
+    tokenizer = model.processor.tokenizer
+    rows = model.language_model.vocab_size
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the language model's embedding has {rows} rows; set "
+            f"model.llm.options.vocab_size to at least {len(tokenizer)}"
+        )
+
+
+def _log(path: Path, stage: StageConfig, state: TrainingState, result: StepResult, scheduler) -> None:
+    entry = {
+        "stage": stage.name, "step": state.step, "samples": state.samples, "loss": round(result.loss, 6),
+        "answer_tokens": result.answer_tokens, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(state.elapsed_s, 2),
+    }
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _trim_log(path: Path, state: TrainingState) -> None:
+    """On resume, drop log lines past the checkpoint (a crashed run may have logged steps it never saved)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry["samples"] <= state.samples:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a run's ``log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
