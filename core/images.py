@@ -10,12 +10,12 @@ too), and uint8 arrays or tensors. Every one goes through the same policy before
 - **Orientation.** The EXIF orientation tag is applied (a phone photo shot in portrait is upright).
 - **Colour.** Images with transparency (an alpha band: ``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``; or a
   ``transparency`` entry: palette and ``L``/``RGB`` images with a tRNS chunk) are composited on white, as
-  transformers does. 16-bit and 32-bit integer grey (``I;16*``, ``I``) are scaled to 8 bits
+  transformers does (which, unlike llavakit, reads the premultiplied ``La``/``RGBa`` as opaque). 16-bit and 32-bit integer grey (``I;16*``, ``I``) are scaled to 8 bits
   (``round(v / 257)``, clipped); float grey (``F``) is read as 0-255 and clipped; ``1`` (bilevel) becomes
   0/255; ``L``, ``P``, ``CMYK`` (no colour management), ``YCbCr`` and ``HSV`` use PIL's conversion.
 - **Arrays and tensors** must be uint8: height x width (grey), or height x width x channels with 1, 3 or 4
-  channels; ``channels_first=True`` reads channels x height x width. With ``channels_first=None`` the
-  layout is inferred, and an array that reads both ways (a 3 x 10 x 4 array, say) is refused.
+  channels; ``channels_first=True`` reads channels x height x width. Without it, arrays are read as HWC, and
+  one that only makes sense as CHW (3 x 480 x 640, say) is refused with a hint rather than guessed.
 
 Errors about values are :class:`~llavakit.core.errors.ImageError` (a ``ValueError``); errors about files are
 :class:`~llavakit.core.errors.ImageFileError` (an ``OSError``). Both name the image (its index in the call and
@@ -170,7 +170,8 @@ def to_rgb(image: Image.Image, label: str = "image") -> Image.Image:
         return Image.fromarray(grey, mode="L").convert("RGB")
     try:
         if mode in ALPHA_MODES or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
+            # PIL converts premultiplied grey only to LA.
+            rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
@@ -220,19 +221,15 @@ def array_to_image(
 
 
 def _is_channels_first(shape: Sequence[int], channels_first: bool | None, label: str) -> bool:
+    """HWC unless ``channels_first`` says otherwise; an array that only reads as CHW is refused, not guessed."""
     if channels_first is not None:
         return channels_first
-    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
-    if first and last:
+    if shape[-1] not in (1, 3, 4) and shape[0] in (1, 3, 4):
         raise ImageError(
-            f"{label}: the layout of an array of shape {tuple(shape)} is ambiguous (channels could be first or "
-            "last); pass channels_first=True or channels_first=False"
+            f"{label}: an array of shape {tuple(shape)} looks channels-first (channels, height, width) but arrays "
+            "are read as (height, width, channels) by default; pass channels_first=True"
         )
-    if not first and not last:
-        raise ImageError(
-            f"{label}: an array of shape {tuple(shape)} has no channel axis of size 1, 3 or 4 at either end"
-        )
-    return first
+    return False
 
 
 # ------------------------------------------------------------------------------------------- resize
