@@ -192,7 +192,9 @@ def check_dimensions(config: ModelConfig, specs: dict[str, ComponentSpec], visio
             "or make them equal"
         )
     index = config.image_token_index
-    if index is not None and index >= language_model.vocab_size:
+    # index == vocab_size is the rowless image id of an original LLaVA vocabulary: image positions are never
+    # embedded, so it needs no row.
+    if index is not None and index > language_model.vocab_size:
         raise ConfigError(
             f"image_token_index {index} is outside the vocabulary of the language model {config.llm.name!r} "
             f"({language_model.vocab_size} rows); pass image_token_index=<an id below {language_model.vocab_size}> "

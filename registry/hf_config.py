@@ -179,10 +179,6 @@ def clip_vision_options(config: dict[str, Any], where: str = "config.json") -> d
 #: ``model_type`` of original LLaVA configs → the Hugging Face family of the LLM at their root.
 ORIGINAL_LLAVA_FAMILIES = {"llava_mistral": "mistral", "llava_llama": "llama", "llava": "llama"}
 
-#: LLaVA's ``IMAGE_TOKEN_INDEX``: the placeholder id the original code puts where an image goes. Its
-#: vocabulary has no row for it; llavakit never embeds image positions, so the id needs none.
-ORIGINAL_IMAGE_TOKEN_INDEX = -200
-
 #: ``mm_vision_select_feature`` → ``vision_feature_select_strategy``.
 ORIGINAL_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
@@ -242,7 +238,10 @@ def from_original_llava(
         projector=ComponentRef(name=projector_type),
         # Copied unchanged, as the llava-hf conversion does; llavakit reads them as (height, width).
         tiler=ComponentRef(name="anyres", options={"grid_pinpoints": [tuple(p) for p in pinpoints]}),
-        image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
+        # The original vocabulary has no <image> (its code splices a -200 placeholder in): the image token is
+        # the first id past the vocabulary, where <image> lands when added to the tokenizer and where the
+        # llava-hf conversion puts its row. Image positions are never embedded, so it needs no row here.
+        image_token_index=text["vocab_size"],
         vision_feature_layer=layer,
         vision_feature_select_strategy=ORIGINAL_SELECT_FEATURE[select],
         dtype=_dtype_name(config.get("torch_dtype") or config.get("dtype")),

@@ -172,7 +172,7 @@ def _tower_folder(path: Path, tower: str, *, patterns) -> Path:
 
 def _load_original_llava(path: Path, hf: dict, *, dtype, device, attention: str, strict: bool, allow_pickle: bool) -> LlavakitModel:
     """An original LLaVA folder, loaded as it is: its vocabulary has no ``<image>`` row, so the image token is
-    LLaVA's placeholder id (-200), whose positions are never embedded. ``llavakit convert`` adds the rows."""
+    the first id past the vocabulary, whose positions are never embedded. ``llavakit convert`` adds the rows."""
     config = original_llava_config(path, hf)
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
     has_tower = any(key.startswith("model.vision_tower.") for key in checkpoint.keys())

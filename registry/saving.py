@@ -337,7 +337,7 @@ def _save_llava_hf(model: LlavakitModel, folder: Path, limit: int) -> list[str]:
         grid_pinpoints=model.tiler.grid_pinpoints,
         config=model.config,
         dtype=_dtype_name(model),
-        pad_token_id=metadata.get("pad_token_id"),
+        pad_token_id=pad if (pad := metadata.get("pad_token_id")) is not None and pad < llm["vocab_size"] else None,
     )
     tensors = {}
     for name, tensor in state_of(model).items():

@@ -16,6 +16,7 @@ from llavakit.registry.checkpoints import checkpoint_dtype, open_checkpoint
 from llavakit.registry.loading import folder_config
 from tiny import (
     IMAGE_TOKEN_INDEX,
+    VOCAB_SIZE,
     hub_layout_state,
     original_llava_config,
     save_hub_layout,
@@ -27,7 +28,8 @@ from tiny import (
 
 TOLERANCE = 1e-4
 IMAGE_SIZE = (480, 640)
-ORIGINAL_PLACEHOLDER = -200
+#: An original LLaVA vocabulary has no <image>: its image token is the first id past the vocabulary.
+ORIGINAL_IMAGE_TOKEN = VOCAB_SIZE
 
 
 def assert_same_logits(model, reference, image_token: int = IMAGE_TOKEN_INDEX, seed: int = 0) -> None:
@@ -85,10 +87,10 @@ def test_original_llava_layout_matches_transformers(tmp_path, include_tower):
     folder = tmp_path / "llava-v1.6-tiny"
     reference = save_original_llava(folder, "mistral", seed=2, include_tower=include_tower, num_shards=2)
     model = load_model(folder)
-    # The original vocabulary has no <image> row: the placeholder id marks image positions, never embedded.
-    assert model.image_token_index == ORIGINAL_PLACEHOLDER
+    # The image token has no row in an original vocabulary: image positions are never embedded.
+    assert model.image_token_index == ORIGINAL_IMAGE_TOKEN == model.language_model.vocab_size
     assert model.config.vision_feature_layer == -2 and model.config.tiler.name == "anyres"
-    assert_same_logits(model, reference, image_token=ORIGINAL_PLACEHOLDER)
+    assert_same_logits(model, reference, image_token=ORIGINAL_IMAGE_TOKEN)
 
 
 def test_original_llava_with_a_well_known_tower_needs_no_network(tmp_path, monkeypatch):
@@ -101,7 +103,7 @@ def test_original_llava_with_a_well_known_tower_needs_no_network(tmp_path, monke
     (tmp_path / "config.json").write_text(json.dumps(config))
     resolved = folder_config(tmp_path)
     assert resolved.vision.name == "clip-l336"
-    assert resolved.image_token_index == ORIGINAL_PLACEHOLDER
+    assert resolved.image_token_index == ORIGINAL_IMAGE_TOKEN
     assert resolved.projector.name == "mlp2x-gelu"
 
 
