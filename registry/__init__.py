@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["build_model", "get_registry", "load_model", "load_processor", "resolve_dtype"]
+__all__ = ["build_model", "get_registry", "load_model", "load_processor", "pipeline", "resolve_dtype"]
 
 _EXPORTS = {
     "build_model": "llavakit.registry.assembly",
@@ -16,11 +16,13 @@ _EXPORTS = {
     "get_registry": "llavakit.registry.plugins",
     "load_model": "llavakit.registry.loading",
     "load_processor": "llavakit.registry.processing",
+    "pipeline": "llavakit.registry.pipelines",
 }
 
 if TYPE_CHECKING:
     from llavakit.registry.assembly import build_model, resolve_dtype
     from llavakit.registry.loading import load_model
+    from llavakit.registry.pipelines import pipeline
     from llavakit.registry.processing import load_processor
     from llavakit.registry.plugins import get_registry
 

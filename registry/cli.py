@@ -15,6 +15,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llavakit.registry.commands.plugins",
     "llavakit.registry.commands.inspect",
     "llavakit.registry.commands.convert",
+    "llavakit.registry.commands.generate",
+    "llavakit.registry.commands.chat",
     "llavakit.registry.commands.train",
 )
 
