@@ -1,0 +1,215 @@
+"""Training data: LLaVA-format records, clear errors for bad ones, answer-only labels and right padding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from shapes_tiny import tiny_model_with_processor
+
+from llavakit.core.errors import ConfigError, ContextLengthError, ImageFileError
+from llavakit.core.model import IGNORE_INDEX
+from llavakit.plugins import synthetic_shapes
+from llavakit.registry.datasets import (
+    DatasetError,
+    Example,
+    LlavaJsonDataset,
+    SyntheticShapesSource,
+    collate,
+    encode_example,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model_with_processor(tmp_path_factory.mktemp("shapes-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def processor(model):
+    return model.processor
+
+
+def write_jsonl(folder, records):
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def record(**overrides):
+    base = {
+        "id": "r1",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the circle?"},
+            {"from": "gpt", "value": "Red."},
+        ],
+    }
+    return {**base, **overrides}
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def test_jsonl_and_json_records_load(image_folder):
+    second = record(id="r2", conversations=record()["conversations"] + [
+        {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "1."}])
+    jsonl = LlavaJsonDataset(write_jsonl(image_folder, [record(), second]))
+    assert jsonl.size == 2
+    example = jsonl.example(1)
+    assert example.images[0].size == (40, 30)
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user", "assistant"]
+    assert "r2" in example.where and "data.jsonl:2" in example.where
+    (image_folder / "data.json").write_text(json.dumps([record()]))
+    assert LlavaJsonDataset(image_folder / "data.json").example(0).messages == jsonl.example(0).messages
+
+
+def test_text_only_record_needs_no_placeholder(image_folder):
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    dataset = LlavaJsonDataset(write_jsonl(image_folder, [text_only]))
+    assert dataset.example(0).images == []
+
+
+def test_image_folder_option(tmp_path, image_folder):
+    data = tmp_path / "elsewhere"
+    data.mkdir()
+    path = write_jsonl(data, [record()])
+    with pytest.raises(ImageFileError, match=r"data.jsonl:1 \(id 'r1'\): image 'a.png' not found"):
+        LlavaJsonDataset(path)
+    assert LlavaJsonDataset(path, image_folder=image_folder).size == 1
+
+
+BAD_RECORDS = [
+    (record(image="missing.png"), ImageFileError, r"data.jsonl:1 \(id 'r1'\): image 'missing.png' not found"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}, {"from": "gpt"}]), DatasetError,
+     r"id 'r1'\), turn 1: each turn needs 'from' and 'value'"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}, {"from": "robot", "value": "A"}]), DatasetError,
+     r"turn 1: unknown speaker 'robot'"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}, {"from": "human", "value": "Q2"}]), DatasetError,
+     r"turn 1: expected a gpt turn here"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}]), DatasetError, r"must end with a gpt turn"),
+    (record(conversations=[{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]), DatasetError,
+     r"holds 0 <image> placeholder\(s\) but the record has 1 image"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "<image>"}]), DatasetError,
+     r"turn 1: <image> may only appear in human turns"),
+    (record(conversations=[{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": 3}]), DatasetError,
+     r"turn 1: 'value' must be a string"),
+    (record(conversations=[]), DatasetError, r"'conversations' must be a non-empty list"),
+    (record(image=5), DatasetError, r"'image' must be a path string"),
+]
+
+
+@pytest.mark.parametrize("bad, error, message", BAD_RECORDS)
+def test_bad_records_name_the_record_and_turn(image_folder, bad, error, message):
+    path = write_jsonl(image_folder, [bad])
+    with pytest.raises(error, match=message):
+        LlavaJsonDataset(path)
+
+
+def test_unparsable_files_name_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"conversations": []}\n{not json\n')
+    with pytest.raises(DatasetError, match=r"data.jsonl:2: not valid JSON"):
+        LlavaJsonDataset(path)
+    (tmp_path / "data.json").write_text('{"a": 1}')
+    with pytest.raises(DatasetError, match="expected a JSON list of records"):
+        LlavaJsonDataset(tmp_path / "data.json")
+    with pytest.raises(ImageFileError, match="dataset file not found"):
+        LlavaJsonDataset(tmp_path / "nope.jsonl")
+
+
+def test_errors_are_value_and_os_errors():
+    assert issubclass(DatasetError, ValueError) and issubclass(DatasetError, ConfigError)
+    assert issubclass(ImageFileError, OSError)
+
+
+def test_labels_cover_exactly_the_answers(processor):
+    example = SyntheticShapesSource(seed=3).example(0)
+    encoded = encode_example(processor, example)
+    ids, labels = encoded.input_ids, encoded.labels
+    assert len(ids) == len(labels)
+    image_positions = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    height, width = encoded.image_sizes[0].tolist()
+    assert len(image_positions) == processor.num_image_tokens((height, width))
+    assert image_positions == list(range(image_positions[0], image_positions[0] + len(image_positions)))
+    assert all(labels[i] == IGNORE_INDEX for i in image_positions)
+    # Every labelled token is its own input id, and the labelled tokens read back as the answers, each
+    # followed by the end-of-turn token; everything else (prompt, template, image) is masked.
+    labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in labelled)
+    answers = [m["content"] for m in example.messages if m["role"] == "assistant"]
+    eos = processor.tokenizer.eos_token
+    assert processor.decode([ids[i] for i in labelled]) == "".join(f" {a}{eos}" for a in answers)
+    runs = [labelled[0]] + [b for a, b in zip(labelled, labelled[1:]) if b != a + 1]
+    assert len(runs) == len(answers)
+    masked_text = processor.decode([t for i, t in enumerate(ids) if i not in set(labelled) and t != processor.image_token_id])
+    for message in example.messages:
+        if message["role"] == "user":
+            assert message["content"].replace("<image>", "") in masked_text
+
+
+def test_training_tokens_match_the_inference_prompt(processor):
+    example = SyntheticShapesSource(seed=3).example(1)
+    encoded = encode_example(processor, example)
+    first_question = example.messages[0]["content"].removeprefix("<image>\n")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": example.images[0]}, {"type": "text", "text": first_question}]}],
+        tokenize=True, return_dict=True,
+    )
+    prompt_ids = prompt["input_ids"][0].tolist()
+    assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
+    assert torch.equal(prompt["pixel_values"], encoded.pixel_values)
+    assert encoded.labels[len(prompt_ids)] != IGNORE_INDEX  # the first answer token follows the prompt
+    assert all(label == IGNORE_INDEX for label in encoded.labels[: len(prompt_ids)])
+
+
+def test_collate_pads_on_the_right(processor):
+    source = SyntheticShapesSource(seed=4)
+    encoded = [encode_example(processor, source.example(i)) for i in range(3)]
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    lengths = [len(e.input_ids) for e in encoded]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    for row, example in enumerate(encoded):
+        n = lengths[row]
+        assert batch["input_ids"][row, :n].tolist() == example.input_ids
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        tiles = example.pixel_values.shape[1]
+        assert torch.equal(batch["pixel_values"][row, :tiles], example.pixel_values[0])
+        assert (batch["pixel_values"][row, tiles:] == 0).all()
+    assert batch["image_sizes"].tolist() == [e.image_sizes[0].tolist() for e in encoded]
+
+
+def test_batch_trains_the_model(model, processor):
+    source = SyntheticShapesSource(seed=4)
+    batch = collate([encode_example(processor, source.example(i)) for i in range(2)], processor.tokenizer.pad_token_id)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_too_long_example_is_refused(processor):
+    example = SyntheticShapesSource(seed=4).example(0)
+    with pytest.raises(ContextLengthError, match=r"synthetic scene 0 \(seed 4\): the example is \d+ tokens long"):
+        encode_example(processor, example, max_length=10)
+
+
+def test_images_and_placeholders_must_agree(processor):
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A."}]
+    assert encode_example(processor, Example(images=[], messages=messages, where="record 9")).pixel_values is None
+    unplaced = Example(images=[Image.new("RGB", (30, 30))], messages=messages, where="record 9")
+    with pytest.raises(DatasetError, match="record 9: the tokenised conversation holds 0 image token"):
+        encode_example(processor, unplaced)
+
+
+def test_written_synthetic_dataset_matches_the_stream(tmp_path, processor):
+    path = synthetic_shapes.write_dataset(tmp_path, 2, seed=6)
+    from_file = LlavaJsonDataset(path).example(1)
+    from_stream = SyntheticShapesSource(seed=6).example(1)
+    assert from_file.messages == from_stream.messages
+    assert encode_example(processor, from_file).input_ids == encode_example(processor, from_stream).input_ids

@@ -1,0 +1,140 @@
+"""The synthetic-shapes generator: seeded scenes within the issue's limits, and answers true to the scene."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from llavakit.plugins import synthetic_shapes as shapes
+
+SCENES = [shapes.sample_scene(shapes.scene_rng(7, index)) for index in range(300)]
+
+
+def test_scenes_are_a_pure_function_of_seed_and_index():
+    again = [shapes.sample_scene(shapes.scene_rng(7, index)) for index in range(20)]
+    assert again == SCENES[:20]
+    other_seed = [shapes.sample_scene(shapes.scene_rng(8, index)) for index in range(20)]
+    assert other_seed != SCENES[:20]
+    assert shapes.scene_rng(7, 3).random() != shapes.scene_rng(7, 4).random()
+
+
+@pytest.mark.parametrize("scene", SCENES[:100])
+def test_scene_respects_the_limits(scene):
+    short, long = sorted((scene.height, scene.width))
+    assert 336 <= short <= 1008 and short <= long <= 1344
+    assert 1 <= len(scene.shapes) <= 4
+    assert len({(s.shape, s.color) for s in scene.shapes}) == len(scene.shapes)
+    for item in scene.shapes:
+        assert item.shape in shapes.SHAPES and item.color in shapes.COLORS
+        assert item.size >= short / 14
+        left, top, right, bottom = item.box
+        assert 0 <= left and right <= scene.width and 0 <= top and bottom <= scene.height
+    for i, a in enumerate(scene.shapes):
+        for b in scene.shapes[i + 1 :]:
+            ax0, ay0, ax1, ay1 = a.box
+            bx0, by0, bx1, by1 = b.box
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, "shapes overlap"
+
+
+def test_scenes_vary_in_size_orientation_and_count():
+    assert {len(s.shapes) for s in SCENES} == {1, 2, 3, 4}
+    assert any(s.height > s.width for s in SCENES) and any(s.width > s.height for s in SCENES)
+    assert len({(s.height, s.width) for s in SCENES}) > 250
+
+
+def test_render_draws_each_shape_in_its_colour_on_a_light_background():
+    for scene in SCENES[:30]:
+        image = scene.render()
+        assert image.size == (scene.width, scene.height) and image.mode == "RGB"
+        assert min(image.getpixel((0, 0))) >= 225
+        for item in scene.shapes:
+            # The centroid of the bounding box's lower middle lies inside circles, squares and triangles alike.
+            point = (item.center_x, item.center_y + item.size // 6)
+            assert image.getpixel(point) == shapes.COLORS[item.color]
+
+
+def test_answers_are_true_to_the_scene():
+    rng = random.Random(0)
+    for scene in SCENES:
+        for form in shapes.FORMS:
+            qa = shapes.ask(scene, form, rng)
+            if form == "color":
+                unique_shapes = [s for s in scene.shapes if [o.shape for o in scene.shapes].count(s.shape) == 1]
+                if not unique_shapes:
+                    assert qa is None
+                    continue
+                item = next(s for s in scene.shapes if qa.question == f"What color is the {s.shape}?")
+                assert item in unique_shapes and qa.answer == item.color.capitalize() + "."
+            elif form == "shape":
+                unique_colours = [s for s in scene.shapes if [o.color for o in scene.shapes].count(s.color) == 1]
+                if not unique_colours:
+                    assert qa is None
+                    continue
+                item = next(s for s in scene.shapes if qa.question == f"What shape is {s.color}?")
+                assert item in unique_colours and qa.answer == f"A {item.shape}."
+            elif form == "count":
+                assert (qa.question, qa.answer) == ("How many shapes are there?", f"{len(scene.shapes)}.")
+            elif form == "exists":
+                present = any(qa.question == f"Is there {shapes.with_article(s.phrase)}?" for s in scene.shapes)
+                assert qa.answer == ("Yes." if present else "No.")
+            else:
+                xs = sorted(scene.shapes, key=lambda s: s.center_x)
+                expected = ", ".join(shapes.with_article(s.phrase) for s in xs)
+                assert qa.answer == expected[0].upper() + expected[1:] + "."
+
+
+def test_describe_lists_left_to_right_with_articles():
+    scene = shapes.Scene(
+        400, 600, (240, 240, 240),
+        (shapes.PlacedShape("square", "orange", 450, 200, 60), shapes.PlacedShape("circle", "red", 100, 100, 60)),
+    )
+    assert shapes.describe(scene) == "A red circle, an orange square."
+    qa = shapes.ask(scene, "exists", random.Random(0), exists_answer=True)
+    assert qa.question in ("Is there an orange square?", "Is there a red circle?") and qa.answer == "Yes."
+
+
+def test_left_to_right_order_is_unambiguous():
+    for scene in SCENES:
+        for a, b in zip(scene.shapes, scene.shapes[1:]):
+            assert b.center_x - a.center_x >= shapes.MIN_HORIZONTAL_GAP * (a.size + b.size) / 2
+
+
+def test_evaluation_set_has_every_form_and_half_true_exists_questions():
+    items = shapes.evaluation_set(40, seed=99)
+    forms = Counter(qa.form for _, turns in items for qa in turns)
+    assert forms["count"] == forms["exists"] == forms["describe"] == 40
+    assert 0 < forms["color"] <= 40 and 0 < forms["shape"] <= 40
+    answers = Counter(qa.answer for _, turns in items for qa in turns if qa.form == "exists")
+    assert answers == {"Yes.": 20, "No.": 20}
+    assert shapes.evaluation_set(5, seed=99) == items[:5]
+
+
+def test_training_conversations_cover_each_applicable_form_once():
+    for index in range(50):
+        rng = shapes.scene_rng(3, index)
+        scene = shapes.sample_scene(rng)
+        turns = shapes.training_conversation(scene, rng)
+        forms = [t.form for t in turns]
+        assert len(forms) == len(set(forms)) and {"count", "exists", "describe"} <= set(forms)
+
+
+def test_write_dataset_writes_llava_records(tmp_path):
+    path = shapes.write_dataset(tmp_path, 3, seed=5)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        assert (tmp_path / record["image"]).is_file()
+        turns = record["conversations"]
+        assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n")
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+    as_json = shapes.write_dataset(tmp_path / "json", 2, seed=5, jsonl=False)
+    assert json.loads(as_json.read_text())[0]["conversations"] == records[0]["conversations"]
+
+
+def test_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="unknown question form 'colour'"):
+        shapes.ask(SCENES[0], "colour", random.Random(0))

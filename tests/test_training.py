@@ -1,0 +1,186 @@
+"""Training: the loss falls, frozen parts stay put, resuming repeats the same losses, configs fail clearly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from shapes_tiny import TINY_MODEL, tiny_model_with_processor, tiny_training_config
+
+from llavakit.core.config import ModelConfig
+from llavakit.core.errors import CheckpointError, ConfigError
+from llavakit.plugins import synthetic_shapes
+from llavakit.registry.assembly import build_from_config
+from llavakit.registry.cli import main
+from llavakit.registry.datasets import SyntheticShapesSource
+from llavakit.registry.loading import load_model
+from llavakit.registry.training import (
+    StageConfig,
+    TrainingState,
+    configure_components,
+    example_indices,
+    lr_factor,
+    read_log,
+    read_training_config,
+    train,
+    training_step,
+)
+
+
+def stage(**fields):
+    return {"name": "s1", "steps": 4, "batch_size": 2, "lr": 3e-3, **fields}
+
+
+def test_loss_decreases_when_overfitting_a_tiny_dataset(tmp_path):
+    data = synthetic_shapes.write_dataset(tmp_path / "data", 2, seed=11)
+    config = tiny_training_config(
+        tmp_path, data={"source": "llava-json", "path": str(data)}, autocast="none",
+        stages=[stage(steps=40, batch_size=2, lr=1e-2, warmup_steps=2)],
+    )
+    final = train(config, progress=False)
+    losses = [entry["loss"] for entry in read_log(tmp_path / "run" / "log.jsonl")]
+    assert len(losses) == 40
+    assert losses[-1] < 0.25 * losses[0]
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    reloaded = load_model(final)
+    assert reloaded.processor is not None and reloaded.processor.image_token_id == 3
+
+
+def test_frozen_components_do_not_change(tmp_path):
+    config = tiny_training_config(
+        tmp_path,
+        stages=[stage(steps=2, components={"vision": {"freeze": True}, "llm": {"freeze": True}})],
+    )
+    final = train(config, progress=False)
+    initial = build_from_config(ModelConfig.model_validate(TINY_MODEL), seed=0)
+    trained = load_model(final)
+    before, after = initial.state_dict(), trained.state_dict()
+    for name, tensor in before.items():
+        unchanged = torch.equal(tensor, after[name])
+        if name.startswith(("vision_tower.", "language_model.")):
+            assert unchanged, f"{name} changed although its component was frozen"
+        else:
+            assert name.startswith(("projector.", "tiler.")) and not unchanged, f"{name} did not train"
+
+
+def test_stage_one_runs_the_frozen_vision_tower_without_activations(tmp_path):
+    model = tiny_model_with_processor(tmp_path)
+    settings = StageConfig(name="align", steps=1, batch_size=2, lr=1e-3,
+                           components={"vision": {"freeze": True}, "llm": {"freeze": True}})
+    groups = configure_components(model, settings)
+    assert {g["component"] for g in groups} == {"projector", "tiler"}
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    seen = {}
+    model.vision_tower.register_forward_hook(lambda module, args, output: seen.update(vision=output.requires_grad))
+    model.language_model.register_forward_hook(lambda module, args, output: seen.update(llm=output.requires_grad))
+    optimizer = torch.optim.AdamW(groups)
+    result = training_step(model, model.processor, SyntheticShapesSource(0), settings, TrainingState(), optimizer,
+                           seed=0, max_length=None, autocast=None, frozen_vision=True)
+    assert math.isfinite(result.loss)
+    # No graph through the vision tower; the frozen LLM keeps its activations so the projector gets a gradient.
+    assert seen == {"vision": False, "llm": True}
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert "forward" not in vars(model.vision_tower)  # the no-grad wrapper is removed after the step
+
+
+def test_resume_repeats_the_same_steps_and_losses(tmp_path):
+    two_stages = [stage(name="a", steps=3, save_every=2, warmup_steps=1),
+                  stage(name="b", steps=2, save_every=1, components={"vision": {"freeze": True}})]
+    config = tiny_training_config(tmp_path, stages=two_stages)
+    train(config, progress=False)
+    first = read_log(tmp_path / "run" / "log.jsonl")
+    assert [(e["stage"], e["step"]) for e in first] == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002", "step-000003", "step-000004", "step-000005"]
+
+    resumed_run = tmp_path / "resumed"
+    train(config, resume=tmp_path / "run" / "checkpoints" / "step-000002", output=resumed_run, progress=False)
+    second = read_log(resumed_run / "log.jsonl")
+    assert [(e["stage"], e["step"], e["samples"]) for e in second] == [
+        (e["stage"], e["step"], e["samples"]) for e in first[2:]]
+    assert [e["loss"] for e in second] == [e["loss"] for e in first[2:]]
+    final_first = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    final_second = load_file(resumed_run / "model" / "model.safetensors")
+    assert all(torch.equal(final_first[k], final_second[k]) for k in final_first)
+
+
+def test_resume_needs_a_training_checkpoint(tmp_path):
+    config = tiny_training_config(tmp_path, stages=[stage(steps=1)])
+    final = train(config, progress=False)
+    with pytest.raises(CheckpointError, match="no training_state.pt"):
+        train(config, resume=final, progress=False)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    results = {}
+    for name, fields in {"big": {"batch_size": 4}, "accumulated": {"batch_size": 2, "grad_accum": 2}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        config = tiny_training_config(folder, autocast="none", stages=[stage(steps=1, **fields)])
+        final = train(config, progress=False)
+        results[name] = (read_log(folder / "run" / "log.jsonl")[0]["loss"], load_file(final / "model.safetensors"))
+    (big_loss, big), (acc_loss, acc) = results["big"], results["accumulated"]
+    assert big_loss == pytest.approx(acc_loss, rel=1e-5)
+    for key in big:
+        torch.testing.assert_close(big[key], acc[key], rtol=1e-4, atol=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    settings = StageConfig(name="s", steps=10, lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(step, settings) for step in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[10] == pytest.approx(0.1) and factors[6] == pytest.approx(0.55)
+
+
+def test_finite_datasets_are_reshuffled_each_epoch():
+    class Finite:
+        size = 5
+
+    first_epoch = example_indices(Finite(), 0, 5, seed=1)
+    second_epoch = example_indices(Finite(), 5, 5, seed=1)
+    assert sorted(first_epoch) == sorted(second_epoch) == list(range(5))
+    assert first_epoch != second_epoch
+    assert example_indices(Finite(), 3, 4, seed=1) == (first_epoch + second_epoch)[3:7]
+    assert example_indices(SyntheticShapesSource(0), 7, 3, seed=1) == [7, 8, 9]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"init": "somewhere"}, "give either model .* or init"),
+    ({"stages": [{"name": "s", "steps": 1, "lr": 1e-3, "components": {"vision": {"freeze": True},
+      "projector": {"freeze": True}, "tiler": {"freeze": True}, "llm": {"freeze": True}}}]}, "freezes every component"),
+    ({"stages": [{"name": "s", "steps": 1, "lr": 1e-3, "components": {"eyes": {}}}]}, r"stages.0.components.eyes"),
+    ({"stages": [{"name": "s", "steps": 0, "lr": 1e-3}]}, r"stages.0.steps"),
+    ({"tokenizer": {"vocab_size": 300, "path": "x"}}, "either path .* or vocab_size"),
+    ({"data": {"source": "llava-json"}}, "needs path"),
+])
+def test_bad_configs_name_the_field(tmp_path, change, message):
+    config = tiny_training_config(tmp_path, **{"stages": [stage()], **change})
+    with pytest.raises(ConfigError, match=message):
+        read_training_config(config)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    config = tiny_training_config(tmp_path, stages=[stage()], chat_template="t.jinja",
+                                  data={"source": "llava-json", "path": "d/data.jsonl", "image_folder": "d/img"})
+    read = read_training_config(config)
+    assert read.chat_template == str(tmp_path / "t.jinja")
+    assert read.data.path == str(tmp_path / "d" / "data.jsonl") and read.data.image_folder == str(tmp_path / "d" / "img")
+
+
+def test_a_too_small_embedding_is_refused(tmp_path):
+    small = {**TINY_MODEL, "llm": {"name": "llama", "options": {**TINY_MODEL["llm"]["options"], "vocab_size": 64}}}
+    config = tiny_training_config(tmp_path, stages=[stage()], model=small)
+    with pytest.raises(ConfigError, match=r"embedding has 64 rows; set model.llm.options.vocab_size to at least"):
+        train(config, progress=False)
+
+
+def test_train_command(tmp_path, capsys):
+    config = tiny_training_config(tmp_path, stages=[stage(steps=2)])
+    assert main(["train", str(config), "--no-progress", "--output", str(tmp_path / "cli-run")]) == 0
+    assert f"trained model saved to {tmp_path / 'cli-run' / 'model'}" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
