@@ -12,7 +12,10 @@ encoder's normalisation and the tokenizer, nothing specific to 336-pixel CLIP.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +29,8 @@ from llavakit.core.interfaces import ImageTiler
 from llavakit.core.types import ImageSize, TokenGrid
 
 PaddingSide = Literal["left", "right"]
+#: Processor files of the older llava-hf layout that :meth:`Processor.save_pretrained` supersedes.
+STALE_PROCESSOR_FILES = ("preprocessor_config.json", "chat_template.json", "special_tokens_map.json", "added_tokens.json")
 PADDING_SIDES = ("left", "right")
 
 #: transformers' ``clean_up_tokenization`` replacements (used when tokenizer_config asks for them).
@@ -433,6 +438,59 @@ class Processor:
 
     def batch_decode(self, rows: Sequence[Sequence[int]] | torch.Tensor, *, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
+
+    # ------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the processor in transformers 5's layout (``tokenizer.json``, ``tokenizer_config.json``,
+        ``processor_config.json`` with an ``image_processor`` section, ``chat_template.jinja``), so that
+        ``load_processor`` and transformers both read it back to the same token ids and pixels.
+
+        The tokenizer is written as this processor reads it (special tokens and BOS handling included), with a
+        generic tokenizer class, so no reader rebuilds it differently.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = self.tokenizer
+        tokenizer.backend.save(str(folder / "tokenizer.json"))
+        tokenizer_config = {
+            **tokenizer.special_tokens_map,
+            "clean_up_tokenization_spaces": tokenizer.clean_up_tokenization_spaces,
+            "padding_side": self.padding_side,
+            "processor_class": "LlavaNextProcessor",
+            "tokenizer_class": "TokenizersBackend",
+        }
+        image_settings: dict[str, Any] = {
+            "crop_size": {"height": self.tile_size, "width": self.tile_size},
+            "size": {"shortest_edge": self.tile_size},
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "do_center_crop": True, "do_pad": True,
+            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor, "resample": 3,
+            "image_processor_type": "LlavaNextImageProcessor",
+        }
+        pinpoints = getattr(self.tiler, "grid_pinpoints", None)
+        if pinpoints is not None:
+            image_settings["image_grid_pinpoints"] = [list(p) for p in pinpoints]
+        processor_config: dict[str, Any] = {
+            "image_processor": image_settings,
+            "image_token": self.image_token,
+            "processor_class": "LlavaNextProcessor",
+            # transformers adds num_additional_image_tokens and subtracts one for "default": net zero.
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        }
+        rows, cols = self.token_grid
+        if rows == cols and self.tile_size % rows == 0:
+            processor_config["patch_size"] = self.tile_size // rows
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+        if self.chat_template is not None:
+            (folder / "chat_template.jinja").write_text(self.chat_template.source)
+        # Files of the older layout would be read before these; a template-less processor leaves none.
+        stale = [*STALE_PROCESSOR_FILES, *([] if self.chat_template is not None else ["chat_template.jinja"])]
+        for name in stale:
+            (folder / name).unlink(missing_ok=True)
+        return folder
 
     def __repr__(self) -> str:
         return (

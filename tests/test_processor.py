@@ -290,3 +290,12 @@ def test_chat_template_loaded_images_by_path_url_and_object(processor, tmp_path)
     with pytest.raises(ImageError, match="message 0 has an image part without"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=True)
 
+
+
+def test_saving_the_model_keeps_its_processor(model, processor, tmp_path):
+    model.save_pretrained(tmp_path)
+    again = load_model(tmp_path).processor
+    batch = processor([image(300, 200, 8)], PROMPT)
+    for key, value in again([image(300, 200, 8)], PROMPT).items():
+        assert torch.equal(value, batch[key]), key
+    assert again.chat_template.source == processor.chat_template.source

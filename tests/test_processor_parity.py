@@ -153,3 +153,15 @@ def test_sentencepiece_model_converts_like_transformers(mistral_tokenizer_dir):
     reference = AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
     for text in MISTRAL_TEXTS[1:4]:
         assert backend.encode(text, add_special_tokens=False).ids == reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_saved_processor_reads_back_identically_in_both_libraries(processors, tmp_path):
+    ours, _ = processors
+    ours.save_pretrained(tmp_path)
+    again, theirs = load_processor(tmp_path), transformers_processor(tmp_path)
+    images = [random_image(size, seed=20 + i) for i, size in enumerate(PARITY_SIZES[:6])]
+    expected = ours(images, PROMPTS)
+    assert_same_batch(again(images, PROMPTS), expected)
+    assert_same_batch(theirs(images=images, text=PROMPTS, return_tensors="pt", padding=True), expected)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert again.apply_chat_template(conversation) == theirs.apply_chat_template(conversation)
