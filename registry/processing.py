@@ -375,11 +375,11 @@ def load_processor(
     processor_config = _read_json(folder / "processor_config.json") or {}
     hf_config = _read_json(folder / "config.json") or {}
     image_settings = read_image_settings(folder)
+    extra_tokens = tokenizer_config.get("extra_special_tokens")
     image_token = (
         processor_config.get("image_token")
         or _token_text(tokenizer_config.get("image_token"))
-        or _token_text((tokenizer_config.get("extra_special_tokens") or {}).get("image_token")
-                       if isinstance(tokenizer_config.get("extra_special_tokens"), dict) else None)
+        or (_token_text(extra_tokens.get("image_token")) if isinstance(extra_tokens, dict) else None)
         or "<image>"
     )
     if image_token_index is None:
