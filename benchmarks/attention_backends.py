@@ -1,0 +1,161 @@
+"""Attention backends side by side with transformers: accuracy against fp32 eager, prefill and decode speed.
+
+One random LLaVA-NeXT checkpoint (a Mistral-style GQA decoder, a CLIP tower cutting 224-px tiles into 16x16
+patches, AnyRes over a 2x2 grid) is written by transformers, then run by llavakit (``eager``, ``sdpa``, ``flash``) and by transformers
+(``eager``, ``sdpa``; ``flash_attention_2`` when flash-attn is installed) on the same left-padded batch of
+two images. Every run is compared with llavakit's fp32 eager logits on the real (unpadded) positions.
+
+    python benchmarks/attention_backends.py                          # CPU, float32
+    python benchmarks/attention_backends.py --device cuda --dtype bfloat16
+
+On CUDA, ``flash`` refuses float32 (no flash kernel runs it): use ``--dtype bfloat16`` there. The reference
+is always fp32 eager on the same device. Timings are medians; the decode rate is (new tokens - 1) per row over
+(generate time - prefill time). Ratios are transformers time / llavakit time (> 1: llavakit faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+
+import torch
+
+from llavakit.registry import load_model
+
+IMAGE_TOKEN = 320
+VOCAB = 384
+PAD = 321
+TEXT = dict(model_type="mistral", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, rope_theta=1e6, sliding_window=None, max_position_embeddings=8192,
+            vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1,
+            eos_token_id=2)
+VISION = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+              num_attention_heads=4, image_size=224, patch_size=14, projection_dim=128, hidden_act="quick_gelu")
+TILE = VISION["image_size"]
+PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
+IMAGE_SIZES = [(480, 640), (224, 300)]
+
+
+def write_checkpoint(folder: str) -> None:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).eval().save_pretrained(folder)
+
+
+def make_inputs(model, device) -> dict[str, torch.Tensor]:
+    """Two prompts of different lengths, left-padded, each with one image; explicit positions for both libraries."""
+    rows = []
+    for index, size in enumerate(IMAGE_SIZES):
+        text = [1] + [5 + index] * (3 + 9 * index)
+        rows.append(text + [IMAGE_TOKEN] * model.num_image_tokens(size) + [7, 8, 9])
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    tiles = max(model.tiler.num_tiles(size) for size in IMAGE_SIZES)
+    pixel_values = torch.randn(len(rows), tiles, 3, TILE, TILE, generator=torch.Generator().manual_seed(1))
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        "pixel_values": pixel_values.to(device),
+        "image_sizes": torch.tensor(IMAGE_SIZES).to(device),
+    }
+
+
+def timed(fn, device, repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up (kernel selection, caches)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def run(args) -> None:
+    from transformers import LlavaNextForConditionalGeneration
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    folder = tempfile.mkdtemp(prefix="llavakit-attention-bench-")
+    write_checkpoint(folder)
+    reference_model = load_model(folder, attention="eager", dtype="float32", device=device)
+    inputs = make_inputs(reference_model, device)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        reference = reference_model(**inputs).logits.float()
+    del reference_model
+    prompt = inputs["input_ids"].shape[1]
+    generate_inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), dtype {dtype}, "
+          f"torch {torch.__version__}; batch 2, prompt {prompt} tokens (left-padded), {args.new_tokens} new tokens")
+
+    results: dict[tuple[str, str], dict] = {}
+
+    def measure(library: str, label: str, forward, generate) -> None:
+        with torch.no_grad():
+            prefill_s, logits = timed(forward, device, args.repeats)
+            decode_s, generated = timed(generate, device, args.repeats)
+        steps = generated.shape[1] - prompt
+        # generate = one prefill + (steps - 1) decode steps; the decode rate leaves the prefill out
+        tokens_per_s = 2 * (steps - 1) / max(decode_s - prefill_s, 1e-9)
+        diff = (logits.float() - reference)[real].abs().max().item()
+        results[library, label] = {"prefill_s": prefill_s, "tokens_per_s": tokens_per_s, "diff": diff}
+        print(f"  {label:<34} max |logit - fp32 eager| {diff:9.2e}   prefill {prefill_s * 1e3:8.1f} ms   "
+              f"decode {tokens_per_s:8.1f} tok/s")
+
+    print("llavakit:")
+    for backend in ("eager", "sdpa", "flash"):
+        model = load_model(folder, attention=backend, dtype=dtype, device=device)
+        kernel = model.attention_backend.kernel(device) if backend == "flash" else backend
+        measure("llavakit", f"{backend} [{kernel}]" if backend == "flash" else backend,
+                lambda: model(**inputs).logits,
+                lambda: model.generate(**generate_inputs, max_new_tokens=args.new_tokens, eos_token_id=[]))
+        del model
+
+    print("transformers:")
+    implementations = ["eager", "sdpa"]
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        implementations.append("flash_attention_2")
+    for implementation in implementations:
+        hf = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=implementation,
+                                                               dtype=dtype).to(device).eval()
+        measure("transformers", implementation,
+                lambda: hf(**inputs).logits,
+                lambda: hf.generate(**generate_inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                    do_sample=False, pad_token_id=PAD))
+        del hf
+
+    print("ratios (transformers time / llavakit time):")
+    flash_label = next(label for library, label in results if label.startswith("flash"))
+    hf_flash = "flash_attention_2" if ("transformers", "flash_attention_2") in results else "sdpa"
+    for ours, theirs in [("eager", "eager"), ("sdpa", "sdpa"), (flash_label, hf_flash)]:
+        mine, reference_run = results["llavakit", ours], results["transformers", theirs]
+        prefill = reference_run["prefill_s"] / mine["prefill_s"]
+        decode = mine["tokens_per_s"] / reference_run["tokens_per_s"]
+        print(f"  {ours.split(' ')[0]:>6} vs {theirs:<18} prefill x{prefill:5.2f}   decode x{decode:5.2f}")
+    worst = max(r["diff"] for r in results.values())
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    print(f"worst logit difference {worst:.2e} ({'within' if worst < tolerance else 'OUTSIDE'} {tolerance:g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
