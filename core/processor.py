@@ -178,6 +178,14 @@ class Processor:
         self._scale = torch.tensor([self.rescale_factor / s for s in self.image_std]).view(3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)]).view(3, 1, 1)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
     # ------------------------------------------------------------------------------------ counts
     def num_image_tokens(self, image_size: ImageSize | Sequence[int]) -> int:
         """Tokens one ``<image>`` of ``(height, width)`` expands to: the model's own count."""

@@ -155,6 +155,7 @@ def test_build_model_with_a_tokenizer_uses_the_presets_template(mistral_tokenize
     model = build_model("clip-l336", "mistral-7b", device="meta", tokenizer=str(mistral_tokenizer_dir))
     processor = model.processor
     assert processor.chat_template.name == "mistral" and processor.image_token_id == 32000
+    assert (processor.pad_token_id, processor.eos_token_id) == (32001, 2)
     assert processor.image_mean == model.vision_tower.image_mean
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     assert processor.apply_chat_template(conversation) == "[INST] <image>\nHi [/INST]"
