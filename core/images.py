@@ -241,6 +241,7 @@ _POOL_LOCK = threading.Lock()
 _WORKER = threading.local()
 
 
+@functools.cache
 def num_workers() -> int:
     """Threads used for image work: the cores this process may run on."""
     try:
@@ -312,10 +313,11 @@ def resize_bicubic(image: Image.Image, size: ImageSize) -> Image.Image:
     the image PIL computes in one call.
     """
     height, width = size
+    small = height * width < MIN_PIXELS_TO_SPLIT
+    if (width, height) == image.size or num_workers() == 1 or getattr(_WORKER, "active", False) or small:
+        return image.resize((width, height), Image.Resampling.BICUBIC)
     # Two strips per core: when another task holds a core (the base tile of AnyRes), the rest still balance.
     parts = 2 * num_workers()
-    if (width, height) == image.size or parts == 2 or getattr(_WORKER, "active", False) or height * width < MIN_PIXELS_TO_SPLIT:
-        return image.resize((width, height), Image.Resampling.BICUBIC)
     shrink_h, shrink_w = image.height - height, image.width - width
     if _pil_runs_vertical_first() and shrink_h > 0 and shrink_h > shrink_w * 2:
         image = _resize_in_strips(image, (image.width, height), parts, horizontal=False)
