@@ -81,7 +81,9 @@ def load_tokenizer(source: str | Path) -> TextTokenizer:
         backend = convert_sentencepiece(folder / "tokenizer.model", add_prefix_space=config.get("add_prefix_space"),
                                         legacy=config.get("legacy"))
         where = str(folder / "tokenizer.model")
-        config = {"add_bos_token": True, "add_eos_token": False, **config}
+        # transformers' LlamaTokenizer defaults, for the files original LLaVA ships without them.
+        config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                  "unk_token": "<unk>", **config}
     else:
         raise CheckpointError(
             f"{folder}: no tokenizer.json or tokenizer.model; pass a folder with the model's tokenizer files"

@@ -261,13 +261,13 @@ def test_missing_files_are_reported(tmp_path):
 
 
 def test_an_original_llava_folder_with_only_tokenizer_model(tmp_path):
-    """tokenizer.model without <image>: the token is added at the next free id, which must be the model's."""
+    """tokenizer.model alone (no tokenizer_config.json) and no <image>: Llama's special-token defaults apply and
+    the image token is added at the next free id, which must be the model's."""
     from importlib import resources
 
     folder = tmp_path / "original"
     folder.mkdir()
     shutil.copyfile(str(resources.files("mistral_common").joinpath("data/tokenizer.model.v1")), folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     write_processor_folder(tmp_path / "settings", layout="hub")
     shutil.copyfile(tmp_path / "settings" / "preprocessor_config.json", folder / "preprocessor_config.json")
     shutil.copyfile(tmp_path / "settings" / "processor_config.json", folder / "processor_config.json")
