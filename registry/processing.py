@@ -359,7 +359,7 @@ def load_processor(
     padding_side: str | None = None,
     chat_template: ChatTemplate | str | None = None,
 ) -> Processor:
-    """The processor of a local checkpoint folder (llava-hf layout, either transformers generation, or an
+    """The processor of a checkpoint folder or hub id (llava-hf layout, either transformers generation, or an
     original-LLaVA folder with ``tokenizer.model``).
 
     The tiler and token grid come from ``model`` when given (``load_model`` passes itself), else from the
@@ -368,7 +368,7 @@ def load_processor(
     added at that id (which must be the next free one). The checks refuse, naming the ids found, an image
     token that maps elsewhere, and bos/eos/pad tokens missing from the vocabulary or colliding.
     """
-    folder = Path(source).expanduser()
+    folder = _local(source, patterns=("config.json",))
     if folder.is_file():
         folder = folder.parent
     if not has_tokenizer_files(folder):
@@ -417,13 +417,7 @@ def load_processor(
 def processor_for_model(model, tokenizer_source: str | Path, *, chat_template: ChatTemplate | str | None = None) -> Processor:
     """The processor of an assembled model: a tokenizer folder (or ``tokenizer.json``) plus the model's tiler,
     token grid and vision normalisation; the folder's chat template, else the LLM preset's."""
-    path = Path(tokenizer_source).expanduser()
-    if not path.exists():
-        from llavakit.registry import hub
-
-        if not hub.is_hub_id(str(tokenizer_source)):
-            raise CheckpointError(f"tokenizer {tokenizer_source}: no such file or folder, and not a hub id (owner/name)")
-        path = hub.resolve_source(str(tokenizer_source), patterns=hub.PROCESSOR_FILES)
+    path = _local(tokenizer_source)
     folder = path.parent if path.is_file() else path
     tokenizer_config = (_read_json(folder / "tokenizer_config.json") or {}) if folder.is_dir() else {}
     tokenizer = load_tokenizer(path)
@@ -439,6 +433,13 @@ def processor_for_model(model, tokenizer_source: str | Path, *, chat_template: C
         chat_template=template, padding_side=None, pad_token_id=pad_id,
         image_mean=model.vision_tower.image_mean, image_std=model.vision_tower.image_std,
     )
+
+
+def _local(source: str | Path, *, patterns: tuple[str, ...] = ()) -> Path:
+    """A local path, or the processor files of a hub id (``owner/name[@revision]``) downloaded to the cache."""
+    from llavakit.registry import hub
+
+    return hub.resolve_source(source, patterns=(*hub.PROCESSOR_FILES, *patterns))
 
 
 def make_processor(

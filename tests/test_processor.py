@@ -254,6 +254,8 @@ def test_special_tokens_are_checked(tmp_path):
 def test_missing_files_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer.json or tokenizer.model"):
         load_processor(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file or folder, and not a hub id"):
+        load_processor(tmp_path / "absent")
     tiny_backend().save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="no config.json and no image settings"):
         load_processor(tmp_path)
