@@ -140,6 +140,7 @@ def test_broken_and_duplicate_plugins_are_reported_while_the_rest_works(installe
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "broken (llavakit-broken-plugin 0.3.0): import failed: ModuleNotFoundError" in out
+    assert "The other plugins work. LLAVAKIT_STRICT_PLUGINS=1 makes such failures raise" in out
     assert "dup (llavakit-dup-plugin 2.0.0)" in out and "Unusable names (registered twice): vision encoder 'clip-l336'" in out
     assert "good-vit" in out and "llavakit-good-plugin 1.2.0" in out
 
@@ -157,12 +158,15 @@ def test_strict_mode_raises_with_the_distribution(installed, monkeypatch):
         installed("llavakit-good-plugin", "llavakit-broken-plugin")
 
 
-def test_allow_list_limits_what_loads(installed, monkeypatch):
+def test_allow_list_limits_what_loads(installed, monkeypatch, capsys):
     monkeypatch.setenv("LLAVAKIT_PLUGINS", "llavakit-good-plugin")
     registry = installed("llavakit-good-plugin", "llavakit-broken-plugin", "llavakit-dup-plugin")
     assert registry.failures == []
     assert "broken_plugin" not in sys.modules and "dup_plugin" not in sys.modules
     assert registry.get("vision", "good-vit") and registry.get("vision", "clip-l336").provider == "llavakit (built-in)"
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "limited to LLAVAKIT_PLUGINS='llavakit-good-plugin'" in out and "Failed plugins: none" in out
 
     monkeypatch.setenv("LLAVAKIT_PLUGINS", "broken")  # entry-point names work too
     registry = registry_plugins.get_registry(reload=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from llavakit.registry.plugins import KIND_LABELS, get_registry
 
@@ -14,6 +15,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     registry = get_registry()
+    allowed = os.environ.get("LLAVAKIT_PLUGINS")
+    if allowed is not None:
+        print(f"Third-party plugins limited to LLAVAKIT_PLUGINS={allowed!r}\n")
     print("Plugins loaded:")
     for info in registry.plugins:
         print(f"  {info.plugin:<36} {info.distribution} {info.version}")
@@ -32,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nFailed plugins ({len(registry.failures)}):")
         for failure in registry.failures:
             print(f"  {failure.plugin} ({failure.distribution} {failure.version}): {failure.error}")
+        print("The other plugins work. LLAVAKIT_STRICT_PLUGINS=1 makes such failures raise; LLAVAKIT_PLUGINS=a,b "
+              "limits which third-party plugins load.")
     else:
         print("\nFailed plugins: none")
     return 0
