@@ -243,3 +243,23 @@ def test_open_clip_vit_l_14_336_quickgelu_matches_clip_l336():
     expected = open_clip_features(reference.visual, pixel_values, block=22)
     assert ours.shape == (1, 576, 1024)
     assert (ours - expected).abs().max().item() < 1e-5
+
+
+def test_config_file_weights_are_loaded_relative_to_the_file(parts, tmp_path):
+    import shutil
+
+    from llavakit.registry import load_model
+
+    root, reference = parts
+    shutil.copytree(root / "clip-vision", tmp_path / "tower")
+    shutil.copytree(root / "full-lm", tmp_path / "lm")
+    (tmp_path / "model.yaml").write_text(
+        "vision: {name: clip-vit, weights: tower}\n"
+        "llm: {name: llama, weights: lm}\n"
+        f"projector: {{name: mlp2x-gelu, weights: {root / 'projector.safetensors'}}}\n"
+        "image_token_index: 320\n"
+    )
+    model = load_model(tmp_path / "model.yaml")
+    assert model.untrained == {"tiler"}
+    assert torch.equal(model.vision_tower.pre_layrnorm.weight, reference.model.vision_tower.pre_layrnorm.weight)
+    assert text_logits(model, reference, rows=VOCAB_SIZE) < TOLERANCE
