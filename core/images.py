@@ -37,7 +37,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -275,19 +275,6 @@ def parallel_map(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
     return list(_pool().map(function, items))
 
 
-def in_background(function: Callable[[], R]) -> Future:
-    """Start ``function()`` on the shared image pool and return its future (inside a pool worker, or with one
-    core, it runs at once), so the caller can work on something else meanwhile."""
-    if num_workers() == 1 or getattr(_WORKER, "active", False):
-        done: Future = Future()
-        try:
-            done.set_result(function())
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future, like a pool would
-            done.set_exception(err)
-        return done
-    return _pool().submit(function)
-
-
 def _even_bounds(length: int, parts: int) -> list[tuple[int, int]]:
     step, extra = divmod(length, parts)
     bounds, start = [], 0
@@ -316,8 +303,7 @@ def resize_bicubic(image: Image.Image, size: ImageSize) -> Image.Image:
     small = height * width < MIN_PIXELS_TO_SPLIT
     if (width, height) == image.size or num_workers() == 1 or getattr(_WORKER, "active", False) or small:
         return image.resize((width, height), Image.Resampling.BICUBIC)
-    # Two strips per core: when another task holds a core (the base tile of AnyRes), the rest still balance.
-    parts = 2 * num_workers()
+    parts = num_workers()
     shrink_h, shrink_w = image.height - height, image.width - width
     if _pil_runs_vertical_first() and shrink_h > 0 and shrink_h > shrink_w * 2:
         image = _resize_in_strips(image, (image.width, height), parts, horizontal=False)
