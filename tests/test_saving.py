@@ -120,16 +120,29 @@ def test_saving_over_the_loaded_folder_is_safe_and_removes_stale_files(tmp_path)
     assert torch.equal(logits_with_image(load_model(tmp_path)), logits_with_image(model))
 
 
-def test_processor_files_travel_with_the_model(tmp_path, tiny_checkpoint):
+def test_processor_files_travel_with_the_model(tmp_path):
     folder = tmp_path / "with-processor"
     save_tiny_llava_hf(folder, "mistral", seed=4)
     write_processor_folder(folder, layout="hub")
     model = load_model(folder)
     assert model.processor is not None
     model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer.json").exists()
+    reloaded = load_model(tmp_path / "saved").processor
+    text = ["<image>\nWhat is shown in this image?"]
+    assert reloaded.tokenizer.encode_batch(text) == model.processor.tokenizer.encode_batch(text)
+    assert reloaded.num_image_tokens((480, 640)) == model.processor.num_image_tokens((480, 640))
+
+
+def test_processor_files_are_copied_when_the_processor_cannot_save_itself(tmp_path):
+    folder = tmp_path / "with-processor"
+    save_tiny_llava_hf(folder, "mistral", seed=4)
+    write_processor_folder(folder, layout="hub")
+    model = load_model(folder)
+    model.processor = None
+    model.save_pretrained(tmp_path / "saved")
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"):
         assert (tmp_path / "saved" / name).read_bytes() == (folder / name).read_bytes()
-    assert load_model(tmp_path / "saved").processor is not None
 
 
 def stock_tokenizer():
