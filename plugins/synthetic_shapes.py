@@ -47,8 +47,9 @@ MIN_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE = 336, 1008, 1344
 #: Shape sizes as fractions of the image's shorter side. The issue's floor is 1/14; staying well above it
 #: keeps every shape over a full 14-px patch even when a 1344-px image is shrunk onto a 224-px AnyRes canvas.
 MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 7, 1 / 4
-#: Two centres must be this far apart horizontally (in mean shape widths) so "left to right" is unambiguous.
-MIN_HORIZONTAL_GAP = 0.75
+#: Two centres must be this far apart horizontally (in mean shape widths): no two shapes share a column of
+#: the image, so "left to right" is unambiguous.
+MIN_HORIZONTAL_GAP = 1.0
 MAX_SHAPES = 4
 
 

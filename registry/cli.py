@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llavakit.registry.commands.generate",
     "llavakit.registry.commands.chat",
     "llavakit.registry.commands.train",
+    "llavakit.registry.commands.eval_demo",
 )
 
 

@@ -18,8 +18,8 @@ then cosine decay to ``min_lr_ratio`` of the peak, gradient clipping and bf16 au
 has fast bf16. The loss of a step is the mean over every answer token of its micro-batches.
 
 Output folder: ``tokenizer/`` (when trained), ``checkpoints/step-NNNNNN/`` (a llava-hf folder plus
-``training_state.pt``: optimizer, scheduler, position in the data), ``model/`` (the final llava-hf folder)
-and ``log.jsonl`` (one line per logged step). Examples are addressed by index (the synthetic source is a
+``training_state.pt``: optimizer, scheduler, position in the data), ``model/`` (the final llava-hf folder),
+``log.jsonl`` (one line per logged step) and ``loss.png`` (the loss curve). Examples are addressed by index (the synthetic source is a
 pure function of its seed, a JSON dataset is shuffled per epoch with a seeded permutation), so a run resumed
 from a checkpoint sees the same examples and reproduces the same losses.
 """
@@ -305,6 +305,7 @@ def save_checkpoint(model, folder: Path, tokenizer_folder: Path, state: Training
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     copy_tokenizer_files(tokenizer_folder, folder)
+    write_generation_config(model, folder)
     torch.save(
         {
             "stage": state.stage, "step": state.step, "samples": state.samples, "elapsed_s": state.elapsed_s,
@@ -313,6 +314,15 @@ def save_checkpoint(model, folder: Path, tokenizer_folder: Path, state: Training
         folder / STATE_FILE,
     )
     return folder
+
+
+def write_generation_config(model, folder: Path) -> None:
+    """``generation_config.json`` with the tokenizer's special ids, so generation stops at the end of a turn."""
+    tokenizer = model.processor.tokenizer
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = {key: value for key, value in ids.items() if value is not None}
+    (folder / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:
@@ -454,6 +464,8 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
     final = output / "model"
     model.save_pretrained(final)
     copy_tokenizer_files(tokenizer_folder, final)
+    write_generation_config(model, final)
+    plot_log(log_path, output / "loss.png")
     return final
 
 
@@ -495,3 +507,54 @@ def _trim_log(path: Path, state: TrainingState) -> None:
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a run's ``log.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_log(log_path: str | Path, png_path: str | Path, *, title: str = "training loss") -> Path:
+    """Draw the loss of a run's ``log.jsonl`` against optimizer steps (log scale) as a PNG, with Pillow only."""
+    from PIL import Image, ImageDraw
+
+    entries = read_log(log_path)
+    if not entries:
+        raise ConfigError(f"{log_path}: no logged steps to plot")
+    offsets, steps, stage_starts, total = {}, [], [], 0
+    for entry in entries:
+        if entry["stage"] not in offsets:
+            offsets[entry["stage"]] = total
+            stage_starts.append((total, entry["stage"]))
+        total = offsets[entry["stage"]] + entry["step"]
+        steps.append(total)
+    losses = [max(entry["loss"], 1e-4) for entry in entries]
+    width, height, left, right, top, bottom = 900, 480, 80, 30, 50, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    low, high = math.floor(math.log10(min(losses))), math.ceil(math.log10(max(losses)))
+    high = max(high, low + 1)
+    last = max(steps)
+
+    def point(step: float, loss: float) -> tuple[float, float]:
+        x = left + (width - left - right) * step / last
+        y = top + (height - top - bottom) * (high - math.log10(loss)) / (high - low)
+        return x, y
+
+    for exponent in range(low, high + 1):
+        for mantissa in (1, 2, 5) if exponent < high else (1,):
+            y = point(0, mantissa * 10**exponent)[1]
+            draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+            draw.text((8, y - 6), f"{mantissa * 10.0**exponent:g}", fill="black")
+    for index in range(6):
+        step = round(last * index / 5)
+        x = point(step, 10**high)[0]
+        draw.line([(x, height - bottom), (x, height - bottom + 5)], fill="black")
+        draw.text((x - 10, height - bottom + 10), str(step), fill="black")
+    for start, name in stage_starts:
+        x = point(start, 10**high)[0]
+        draw.line([(x, top), (x, height - bottom)], fill=(200, 200, 255))
+        draw.text((x + 4, top + 4), name, fill=(80, 80, 200))
+    draw.rectangle([(left, top), (width - right, height - bottom)], outline="black")
+    draw.line([point(s, l) for s, l in zip(steps, losses)], fill=(200, 40, 40), width=2)
+    minutes = entries[-1]["elapsed_s"] / 60
+    draw.text((left, 18), f"{title}: {entries[-1]['samples']} examples, {minutes:.1f} min", fill="black")
+    draw.text((width // 2 - 60, height - 22), "optimizer step", fill="black")
+    png_path = Path(png_path)
+    image.save(png_path)
+    return png_path
