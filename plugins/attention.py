@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from llavakit.core.attention import AttentionBackend, repeat_kv
 from llavakit.core.errors import AttentionBackendError
@@ -262,6 +261,9 @@ def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
     """PyTorch's flash kernel with bottom-right causality and grouped-query attention."""
     attn_mask = None
     if causal and q.shape[2] != k.shape[2]:
+        # Imported here: torch.nn.attention.bias pulls in torch._dynamo (seconds), which plugin discovery must not.
+        from torch.nn.attention.bias import causal_lower_right
+
         # A CausalBias, unlike a boolean mask, reaches the flash kernel (which aligns causal bottom-right).
         attn_mask, causal = causal_lower_right(q.shape[2], k.shape[2]), False
     if k.shape[1] != q.shape[1]:
