@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -300,11 +299,11 @@ class TrainingState:
     elapsed_s: float = 0.0
 
 
-def save_checkpoint(model, folder: Path, tokenizer_folder: Path, state: TrainingState, optimizer, scheduler) -> Path:
-    """A llava-hf folder (weights, config, tokenizer, chat template) plus ``training_state.pt``."""
+def save_checkpoint(model, folder: Path, state: TrainingState, optimizer, scheduler) -> Path:
+    """A llava-hf folder (weights, config; the processor saves tokenizer, image settings and chat template)
+    plus ``generation_config.json`` and ``training_state.pt``."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    copy_tokenizer_files(tokenizer_folder, folder)
     write_generation_config(model, folder)
     torch.save(
         {
@@ -323,15 +322,6 @@ def write_generation_config(model, folder: Path) -> None:
            "pad_token_id": tokenizer.pad_token_id}
     config = {key: value for key, value in ids.items() if value is not None}
     (folder / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def copy_tokenizer_files(source: Path, target: Path) -> None:
-    """Tokenizer and chat-template files the model folder lacks (the processor's own save writes them first)."""
-    if source.resolve() == target.resolve():
-        return
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (source / name).is_file() and not (target / name).is_file():
-            shutil.copyfile(source / name, target / name)
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -457,13 +447,12 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
                 _log(log_path, stage, state, result, scheduler)
             if (stage.save_every and state.step % stage.save_every == 0) or state.step == stage.steps:
                 save_checkpoint(model, output / "checkpoints" / f"step-{_global_step(config, state):06d}",
-                                tokenizer_folder, state, optimizer, scheduler)
+                                state, optimizer, scheduler)
         bar.close()
         saved = None
     model.eval()
     final = output / "model"
     model.save_pretrained(final)
-    copy_tokenizer_files(tokenizer_folder, final)
     write_generation_config(model, final)
     plot_log(log_path, output / "loss.png")
     return final

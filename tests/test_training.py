@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -43,7 +44,10 @@ def test_loss_decreases_when_overfitting_a_tiny_dataset(tmp_path):
     losses = [entry["loss"] for entry in read_log(tmp_path / "run" / "log.jsonl")]
     assert len(losses) == 40
     assert losses[-1] < 0.25 * losses[0]
-    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (final / name).is_file(), name
+    assert json.loads((final / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    assert (tmp_path / "run" / "loss.png").is_file()
     reloaded = load_model(final)
     assert reloaded.processor is not None and reloaded.processor.image_token_id == 3
 
