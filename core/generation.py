@@ -368,10 +368,9 @@ def generate_steps(
             if step + 1 == config.max_new_tokens or bool(finished.all()):
                 return
             mask = None if full_mask is None else full_mask[:, : prompt_length + step + 1]
-            hidden = language_model(
-                language_model.embed(tokens[:, None]), position_ids=positions + step, attention_mask=mask, kv_cache=cache
+            logits = language_model.decode_step(
+                tokens, position_ids=positions + step, attention_mask=mask, kv_cache=cache
             )
-            logits = language_model.logits(hidden)[:, -1]
 
 
 def generate(

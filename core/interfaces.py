@@ -154,6 +154,25 @@ class LanguageModel(nn.Module, ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states ``[B, L, D]`` to vocabulary logits ``[B, L, V]``."""
 
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """One generation step: next-token logits ``[B, V]`` for one new token per row (``tokens`` ``[B]``).
+
+        ``position_ids`` is ``[B, 1]``; ``attention_mask`` is ``None`` or the ``[B, K]`` padding mask over
+        cached and new positions. Implementations may override this with a faster path for single-token
+        steps; it must give the logits that :meth:`forward` and :meth:`logits` give.
+        """
+        hidden = self(
+            self.embed(tokens[:, None]), position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache
+        )
+        return self.logits(hidden)[:, -1]
+
     def new_kv_cache(
         self, batch_size: int, capacity: int, *, dtype: torch.dtype | None = None, device=None
     ) -> KVCache:

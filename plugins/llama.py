@@ -9,6 +9,7 @@ those checkpoints load with a prefix change only.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 
 import torch
@@ -201,6 +202,50 @@ class LlamaDecoder(LanguageModel):
             allowed = allowed | (k_pos == q_pos)[None, None]
         return allowed, False
 
+    #: Whether single-token steps may use prepacked copies of the weights (CPU only; see :class:`DecodeWeights`).
+    pack_decode_weights: bool = True
+
+    def decode_step(self, tokens, *, position_ids, attention_mask, kv_cache):
+        """One token per row, with the weights of :class:`DecodeWeights` and no per-step allocation beyond
+        activations. Same math as :meth:`forward`; with grad enabled on trainable weights it is :meth:`forward`."""
+        if torch.is_grad_enabled() and self.lm_head.weight.requires_grad:
+            return super().decode_step(tokens, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+        weights = self.decode_weights(tokens.shape[0])
+        config = self.config
+        batch, heads, kv_heads, head_dim = tokens.shape[0], config.num_heads, config.num_kv_heads, config.head_dim
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
+        mask, _ = self._mask(attention_mask, 1, kv_cache.length, x.device)
+        # Without a mask, the query heads sharing a key/value head become that head's queries: grouped-query
+        # attention with no copy of the cache (a mask is per query position, so masked steps keep Hq heads).
+        query_shape = (batch, kv_heads, heads // kv_heads, head_dim) if mask is None else (batch, heads, 1, head_dim)
+        for index, (layer, projections) in enumerate(zip(self.layers, weights.layers)):
+            qkv, output, gate_up, down = projections
+            attention = layer.self_attn
+            q, k, v = qkv(layer.input_layernorm(x))
+            q = apply_rotary(q.view(batch, heads, head_dim), cos, sin)
+            k = apply_rotary(k.view(batch, kv_heads, 1, head_dim), cos[:, :, None], sin[:, :, None])
+            keys, values = kv_cache.update(index, k, v.view(batch, kv_heads, 1, head_dim))
+            out = attention.backend.attend(q.view(query_shape), keys, values, mask=mask, causal=False, scale=attention.scale)
+            x = x + output(out.reshape(batch, heads * head_dim))[0]
+            gate, up = gate_up(layer.post_attention_layernorm(x))
+            x = x + down(F.silu(gate) * up)[0]
+        kv_cache.advance(1)
+        return weights.lm_head(self.norm(x))[0]
+
+    def decode_weights(self, batch_size: int) -> DecodeWeights:
+        """The cached :class:`DecodeWeights`, rebuilt when a parameter changed or (MKL packing) the batch did."""
+        cached = getattr(self, "_decode_weights", None)
+        if cached is None or not cached.fits(self, batch_size):
+            self._decode_weights = None  # free the old copies before packing new ones
+            cached = self._decode_weights = DecodeWeights(self, batch_size)
+        return cached
+
+    def release_decode_weights(self) -> None:
+        """Free the packed weight copies (they are rebuilt on the next generation step)."""
+        self._decode_weights = None
+
     def forward(self, inputs_embeds, *, position_ids, attention_mask=None, kv_cache=None):
         past = kv_cache.length if kv_cache is not None else 0
         x = inputs_embeds
@@ -214,6 +259,120 @@ class LlamaDecoder(LanguageModel):
 
     def logits(self, hidden):
         return self.lm_head(hidden)
+
+
+class Projection:
+    """``x ↦ (x W₁ᵀ, x W₂ᵀ, …)`` for weights that share their input, as one matrix product when packed.
+
+    Packing (CPU): the weights are concatenated and reordered once into the layout of the BLAS that runs
+    them fastest for few rows: MKL's packed GEMM for float32 at batch 1 (packed for that batch size, the only
+    one it then runs), oneDNN's blocked layout otherwise. Measured on 2 Zen 4 cores, such products read the
+    weights 1.6-2x faster than ``F.linear`` reads the plain ones (batch 1 to 8, float32 and bfloat16).
+    Unpacked, it runs ``F.linear`` on the parameters themselves (no copy).
+    """
+
+    def __init__(self, weights: list[torch.Tensor], packing: str | None, batch_size: int):
+        self.sizes = [w.shape[0] for w in weights]
+        self.packing = packing
+        if packing is None:
+            self.weights = weights
+            return
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if packing == "mkl":
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch_size)
+            # The op falls back to its plain-weight argument only for another batch size, which never runs here.
+            self.unused_plain = weight.new_empty(()).expand(weight.shape)
+            self.batch_size = batch_size
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.packing is None:
+            return tuple(F.linear(x, w) for w in self.weights)
+        if self.packing == "mkl":
+            y = torch.ops.mkl._mkl_linear(x, self.packed, self.unused_plain, None, self.batch_size)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+
+
+class DecodeWeights:
+    """Per-layer projections (q/k/v together, output, gate/up together, down) and ``lm_head`` for decode steps.
+
+    Packed copies cost as much memory as the decoder's linear weights, so they are made only on the CPU, when
+    ``LlamaDecoder.pack_decode_weights`` is true and the copies take less than half the memory available
+    now; otherwise every projection runs on the parameters directly. A fingerprint of the parameters
+    (storage and version) detects any change (an optimizer step, ``load_state_dict``, ``.to()``).
+    """
+
+    def __init__(self, decoder: LlamaDecoder, batch_size: int):
+        self.batch_size = batch_size
+        self.fingerprint = parameter_fingerprint(decoder)
+        self.wanted = packing_kind(decoder, batch_size)
+        self.packing = self.wanted if self.wanted is not None and packed_copies_fit(decoder) else None
+        project = lambda *weights: Projection(list(weights), self.packing, batch_size)  # noqa: E731
+        self.layers = [
+            (
+                project(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight),
+                project(layer.self_attn.o_proj.weight),
+                project(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight),
+                project(layer.mlp.down_proj.weight),
+            )
+            for layer in decoder.layers
+        ]
+        self.lm_head = project(decoder.lm_head.weight)
+
+    def fits(self, decoder: LlamaDecoder, batch_size: int) -> bool:
+        """Still valid for ``batch_size`` steps of ``decoder`` as it is now."""
+        return (
+            self.fingerprint == parameter_fingerprint(decoder)
+            and self.wanted == packing_kind(decoder, batch_size)
+            and (self.packing != "mkl" or batch_size == self.batch_size)
+        )
+
+
+def parameter_fingerprint(module: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
+def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
+    """``"mkl"``, ``"onednn"`` or ``None``: the fastest packing this CPU offers for the dtype and batch size."""
+    weight = decoder.lm_head.weight
+    if not decoder.pack_decode_weights or weight.device.type != "cpu":
+        return None
+    mkl = weight.dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    onednn = torch.backends.mkldnn.is_available() and (
+        weight.dtype == torch.float32
+        or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        or (weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    )
+    if mkl and (batch_size == 1 or not onednn):
+        return "mkl"
+    return "onednn" if onednn else None
+
+
+def packed_copies_fit(decoder: LlamaDecoder) -> bool:
+    """Whether packed copies of the linear weights take less than half the memory available now."""
+    needed = sum(p.numel() * p.element_size() for name, p in decoder.named_parameters() if name.endswith("proj.weight"))
+    needed += decoder.lm_head.weight.numel() * decoder.lm_head.weight.element_size()
+    available = available_memory()
+    return available is None or needed < available / 2
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now, page cache included (Linux ``MemAvailable``; else free pages), or
+    ``None`` where the OS does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _presets() -> dict:

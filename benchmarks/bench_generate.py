@@ -1,0 +1,182 @@
+"""Generation speed, llavakit and transformers side by side on the same checkpoint, in the same run.
+
+The benchmark model of issue 5 is written in the real llava-hf format (transformers' ``save_pretrained``)
+into a temporary folder: a Mistral text part (hidden 512, intermediate 1408, 8 layers, 8 heads, 4 kv heads,
+vocab 32064, untied ``lm_head``) and a CLIP-style tower (hidden 256, MLP 1024, 4 layers, 4 heads, 336 px,
+patch 14). Both libraries load that folder. Measured, per dtype:
+
+- decode: batch 1, a 32-token text prompt, 128 new tokens; tokens/s after the first token, the bytes of
+  weights one step reads, and the memory bandwidth that implies;
+- time to first token for a 768x1024 (HxW) image (2340 image tokens), pixel values given (no preprocessing);
+- batch 8 (eight 32-token prompts, 128 new tokens): generated tokens/s of the whole call, against batch 1.
+
+Every figure is the best of ``--repeats`` runs, llavakit and transformers alternating, so a busy machine
+hurts both alike. llama.cpp (through ``llama-cpp-python``) is not measured: it needs a GGUF conversion of
+the checkpoint, which this script does not do; its figures in docs/benchmarks.md come from ``llama-bench``.
+
+    python benchmarks/bench_generate.py --threads 2 --dtypes float32 bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_TEXT = dict(
+    model_type="mistral", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=4, vocab_size=32064, rope_theta=1e6, sliding_window=None, max_position_embeddings=32768,
+    tie_word_embeddings=False, pad_token_id=32001, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+)
+BENCH_VISION = dict(
+    model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu",
+)
+IMAGE_TOKEN = 32000
+PROMPT_TOKENS = 32
+NEW_TOKENS = 128
+IMAGE_SIZE = (768, 1024)
+BATCH = 8
+
+
+def write_benchmark_checkpoint(folder: Path) -> None:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(vision_config=BENCH_VISION, text_config=BENCH_TEXT, image_token_index=IMAGE_TOKEN,
+                             tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(folder)
+
+
+class StepClock:
+    """A transformers-protocol streamer that timestamps every step (the first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def decode_rate(self) -> float:
+        steps = self.times[1:]
+        return (len(steps) - 1) / (steps[-1] - steps[0])
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every decoder matrix and norm, ``lm_head``, one embedding row."""
+    llm = model.language_model
+    total = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if not name.startswith("embed_tokens"))
+    row = llm.embed_tokens.weight[0]
+    return total + row.numel() * row.element_size()
+
+
+def best_of(repeats: int, runs: dict) -> dict[str, list[float]]:
+    """Run each callable ``repeats`` times, alternating; return every measurement per name."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def summarise(label: str, unit: str, values: dict[str, list[float]], higher_is_better: bool) -> dict[str, float]:
+    pick = max if higher_is_better else min
+    best = {name: pick(v) for name, v in values.items()}
+    line = "  ".join(f"{name} {best[name]:8.3f} (median {statistics.median(v):.3f})" for name, v in values.items())
+    print(f"  {label:<34} {unit:<8} {line}")
+    return best
+
+
+def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llavakit.registry import load_model
+
+    ours = load_model(folder, dtype=dtype)
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    theirs.generation_config.eos_token_id = None  # always generate NEW_TOKENS
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 32000, (1, PROMPT_TOKENS), generator=generator)
+    batch = torch.randint(3, 32000, (BATCH, PROMPT_TOKENS), generator=generator)
+    image_tokens = ours.num_image_tokens(IMAGE_SIZE)
+    image_prompt = torch.cat([prompt[:, :4], torch.full((1, image_tokens), IMAGE_TOKEN), prompt[:, 4:]], dim=1)
+    pixel_values = torch.randn(1, ours.tiler.num_tiles(IMAGE_SIZE), 3, 336, 336, generator=generator).to(dtype)
+    image_sizes = torch.tensor([IMAGE_SIZE])
+
+    def decode(model, is_ours: bool):
+        def run():
+            clock = StepClock()
+            options = dict(eos_token_id=[]) if is_ours else dict(min_new_tokens=NEW_TOKENS, do_sample=False)
+            model.generate(prompt, max_new_tokens=NEW_TOKENS, streamer=clock, **options)
+            return clock.decode_rate()
+        return run
+
+    def ttft(model, is_ours: bool):
+        def run():
+            options = {} if is_ours else dict(do_sample=False)
+            start = time.perf_counter()
+            model.generate(image_prompt, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=1, **options)
+            return time.perf_counter() - start
+        return run
+
+    def throughput(model, is_ours: bool, inputs: torch.Tensor):
+        def run():
+            options = dict(eos_token_id=[]) if is_ours else dict(min_new_tokens=NEW_TOKENS, do_sample=False)
+            start = time.perf_counter()
+            out = model.generate(inputs, max_new_tokens=NEW_TOKENS, **options)
+            return (out.shape[0] * (out.shape[1] - inputs.shape[1])) / (time.perf_counter() - start)
+        return run
+
+    name = str(dtype).removeprefix("torch.")
+    print(f"\n{name}: image prompt {image_prompt.shape[1]} tokens ({image_tokens} image tokens)")
+    for run in (decode(ours, True), decode(theirs, False)):
+        run()  # warm up: thread pools, weight packing, allocator
+    decode_rates = summarise("decode, batch 1", "tok/s", best_of(repeats, {
+        "llavakit": decode(ours, True), "transformers": decode(theirs, False)}), True)
+    ttfts = summarise("time to first token, 768x1024 image", "s", best_of(repeats, {
+        "llavakit": ttft(ours, True), "transformers": ttft(theirs, False)}), False)
+    b1 = summarise("generate, batch 1 (whole call)", "tok/s", best_of(repeats, {
+        "llavakit": throughput(ours, True, prompt), "transformers": throughput(theirs, False, prompt)}), True)
+    b8 = summarise(f"generate, batch {BATCH} (whole call)", "tok/s", best_of(repeats, {
+        "llavakit": throughput(ours, True, batch), "transformers": throughput(theirs, False, batch)}), True)
+
+    step_bytes = weight_bytes_per_step(ours)
+    packing = ours.language_model.decode_weights(1).packing or "none"
+    print(f"  weights read per decode step: {step_bytes / 1e6:.1f} MB ({name}); llavakit decode "
+          f"{decode_rates['llavakit']:.1f} tok/s implies {step_bytes * decode_rates['llavakit'] / 1e9:.1f} GB/s "
+          f"(transformers {step_bytes * decode_rates['transformers'] / 1e9:.1f} GB/s); weight packing: {packing}")
+    ratios = {
+        "decode speed vs transformers": decode_rates["llavakit"] / decode_rates["transformers"],
+        "time to first token vs transformers": ttfts["llavakit"] / ttfts["transformers"],
+        f"batch {BATCH} throughput vs batch 1": b8["llavakit"] / b1["llavakit"],
+        f"batch {BATCH} throughput vs transformers": b8["llavakit"] / b8["transformers"],
+    }
+    for label, value in ratios.items():
+        print(f"  {label:<40} {value:6.2f}x")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeats}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench-llava-next"
+        write_benchmark_checkpoint(folder)
+        for name in args.dtypes:
+            bench_dtype(folder, getattr(torch, name), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
