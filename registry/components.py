@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from llavakit.core.config import ComponentRef, ModelConfig
-from llavakit.core.errors import CheckpointError, ConfigError, StateDictError
+from llavakit.core.errors import ConfigError, StateDictError
 from llavakit.plugins.clip_vit import ClipVisionTower
 from llavakit.registry import hub
 from llavakit.registry.checkpoints import (
@@ -202,8 +202,6 @@ class WeightSource:
     layout: str
     #: Component options the source's own config implies (``None`` when it has no config).
     options: dict[str, Any] | None = None
-    #: For a stock causal LM: the vocabulary it was trained with.
-    vocab_size: int | None = None
     allow_pickle: bool = False
 
     @property
@@ -216,7 +214,7 @@ class WeightSource:
         """The tensors of this source (converted to our names for open_clip)."""
         if self.layout == "open-clip":
             checkpoint = _open_file_or_folder(self.path, ("open_clip_model", "model"), self.allow_pickle)
-            state = dict(checkpoint.iter_tensors([k for k in checkpoint.keys()]))
+            state = dict(checkpoint.iter_tensors(list(checkpoint.keys())))
             converted, origin = _convert_open_clip(state)
             return TensorDictCheckpoint.from_state_dict(converted, where=checkpoint.where, files=checkpoint.files, origin=origin)
         if self.layout == "llavakit" and self.path.is_dir():
@@ -250,54 +248,53 @@ def locate(part: str, source: str, *, allow_pickle: bool = False, clip_vit: bool
     if allow_pickle:
         patterns = (*patterns, "open_clip_pytorch_model.bin")
     path = hub.resolve_source(source, patterns=patterns)
-    found = _recognise(part, path, allow_pickle, clip_vit or part != "vision")
-    found.source, found.allow_pickle = str(source), allow_pickle
-    if part not in LAYOUT_PARTS[found.layout]:
+    layout, options = _recognise(part, path, allow_pickle, converts_to_clip_vit=clip_vit or part != "vision")
+    if part not in LAYOUT_PARTS[layout]:
         raise ConfigError(
-            f"weights for {part!r}: {source} is a {found.layout} checkpoint, which holds no {part} weights "
-            f"(it fills: {', '.join(LAYOUT_PARTS[found.layout])})"
+            f"weights for {part!r}: {source} is a {layout} checkpoint, which holds no {part} weights "
+            f"(it fills: {', '.join(LAYOUT_PARTS[layout])})"
         )
-    return found
+    return WeightSource(part, str(source), path, layout, options=options, allow_pickle=allow_pickle)
 
 
-def _recognise(part: str, path: Path, allow_pickle: bool, clip_vit: bool) -> WeightSource:
-    if not clip_vit:
-        return WeightSource(part, "", path, "llavakit")
+def _recognise(part: str, path: Path, allow_pickle: bool, *, converts_to_clip_vit: bool) -> tuple[str, dict[str, Any] | None]:
+    """(layout, component options its config implies) of the weights at ``path``."""
+    if not converts_to_clip_vit:
+        return "llavakit", None
     if path.is_dir() and (path / "config.json").exists():
         config = read_json(path / "config.json")
         where = str(path / "config.json")
         model_type = config.get("model_type")
         if model_type in ("clip", "clip_vision_model"):
-            return WeightSource(part, "", path, "hf-clip", options=clip_vision_options(config, where))
+            return "hf-clip", clip_vision_options(config, where)
         if model_type in ("llama", "mistral"):
-            options = llm_options(config, where)
-            return WeightSource(part, "", path, "hf-causal-lm", options=options, vocab_size=options["vocab_size"])
+            return "hf-causal-lm", llm_options(config, where)
         if model_type == "llava_next":
             options = None
             if part == "vision":
                 options = vision_options(config.get("vision_config") or LLAVA_NEXT_VISION_DEFAULT, f"{where} vision_config")
             elif part == "llm":
                 options = llm_options(config.get("text_config") or {"model_type": "llama"}, f"{where} text_config")
-            return WeightSource(part, "", path, "llava-hf", options=options)
+            return "llava-hf", options
         if is_original_llava(config):
             family = ORIGINAL_LLAVA_FAMILIES[config["model_type"]]
             options = llm_options({**config, "model_type": family}, where) if part == "llm" else None
-            return WeightSource(part, "", path, "original-llava", options=options)
+            return "original-llava", options
         raise ConfigError(
             f"{where}: model_type {model_type!r} is not a layout llavakit reads component weights from "
             "(clip, clip_vision_model, llama, mistral, llava_next, llava_mistral, llava_llama)"
         )
     if path.is_dir() and (path / "open_clip_config.json").exists():
-        return WeightSource(part, "", path, "open-clip")
+        return "open-clip", None
     keys = list(_open_file_or_folder(path, (part, "model"), allow_pickle).keys())
     if part == "vision" and any(k.startswith(("visual.", "transformer.resblocks.")) for k in keys):
-        return WeightSource(part, "", path, "open-clip")
+        return "open-clip", None
     if part == "vision" and any(k.startswith("vision_model.") for k in keys):
-        return WeightSource(part, "", path, "hf-clip")
+        return "hf-clip", None
     projector_prefixes = ("mm_projector.", "model.mm_projector.", "multi_modal_projector.", "model.multi_modal_projector.")
     if part == "projector" and any(k.startswith(projector_prefixes) for k in keys):
-        return WeightSource(part, "", path, "llava-projector")
-    return WeightSource(part, "", path, "llavakit")
+        return "llava-projector", None
+    return "llavakit", None
 
 
 # ------------------------------------------------------------------------------------------ planning
