@@ -1,0 +1,100 @@
+"""The llama decoder's single-token fast path (fused, prepacked weights; grouped-query attention without cache
+copies) gives the logits of the plain forward pass, for every packing, dtype, mask and sliding window, and
+notices when the weights change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llavakit.registry import build_model
+
+LLM = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=2,
+           rope_theta=1e4, max_position_embeddings=512)
+VISION = dict(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+
+
+def decoder(dtype=torch.float32, **options):
+    model = build_model("clip-vit", "llama", vision_options=VISION, llm_options={**LLM, **options},
+                        image_token_index=299, dtype=dtype, seed=0)
+    with torch.no_grad():  # larger weights than the default init, so logits differ visibly between tokens
+        for name, param in model.language_model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
+    return model.language_model
+
+
+def prefilled(llm, prompt, mask):
+    cache = llm.new_kv_cache(prompt.shape[0], prompt.shape[1] + 4)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(prompt.shape[1])[None]
+    llm(llm.embed(prompt), position_ids=positions, attention_mask=mask, kv_cache=cache)
+    return cache
+
+
+def step_both_ways(llm, batch: int, padded: bool, length: int = 12):
+    """Next-token logits for one step after a prompt: the plain forward path and the fast path."""
+    generator = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(0, 299, (batch, length), generator=generator)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, :5] = 0
+    tokens = torch.randint(0, 299, (batch,), generator=generator)
+    attended = length if mask is None else mask.sum(-1, keepdim=True)
+    positions = torch.full((batch, 1), length) if mask is None else attended
+    step_mask = None if mask is None else torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        plain_cache, fast_cache = prefilled(llm, prompt, mask), prefilled(llm, prompt, mask)
+        hidden = llm(llm.embed(tokens[:, None]), position_ids=positions, attention_mask=step_mask, kv_cache=plain_cache)
+        plain = llm.logits(hidden)[:, -1]
+        fast = llm.decode_step(tokens, position_ids=positions, attention_mask=step_mask, kv_cache=fast_cache)
+    assert fast_cache.length == plain_cache.length == length + 1
+    assert torch.allclose(fast_cache.keys[1], plain_cache.keys[1], atol=1e-5)
+    return plain.float(), fast.float()
+
+
+@pytest.mark.parametrize("dtype, batch, expected_packing", [
+    (torch.float32, 1, "mkl"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "onednn"), (torch.bfloat16, 3, "onednn"),
+])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padded):
+    llm = decoder(dtype)
+    plain, fast = step_both_ways(llm, batch, padded and batch > 1)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
+    assert (plain - fast).abs().max().item() < tolerance
+    assert plain.std() > 0.5  # logits with signal
+    packing = llm.decode_weights(batch).packing
+    if torch.backends.mkldnn.is_available() and (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        assert packing == expected_packing or (expected_packing == "mkl" and not torch.backends.mkl.is_available())
+
+
+def test_unpacked_fast_step_and_sliding_window():
+    llm = decoder(sliding_window=6)
+    llm.pack_decode_weights = False
+    plain, fast = step_both_ways(llm, 2, padded=True)
+    assert llm.decode_weights(2).packing is None
+    assert (plain - fast).abs().max().item() < 1e-4
+
+
+def test_packed_weights_follow_weight_changes():
+    llm = decoder()
+    _, before = step_both_ways(llm, 1, padded=False)
+    first = llm.decode_weights(1)
+    with torch.no_grad():
+        llm.lm_head.weight.mul_(2)  # an in-place update, like an optimizer step
+    plain, after = step_both_ways(llm, 1, padded=False)
+    assert llm.decode_weights(1) is not first
+    assert torch.allclose(after, 2 * before, atol=1e-4) and torch.allclose(after, plain, atol=1e-4)
+    llm.release_decode_weights()
+    assert llm._decode_weights is None
+
+
+def test_with_gradients_the_step_is_the_differentiable_forward():
+    llm = decoder()
+    cache = llm.new_kv_cache(1, 8)
+    with torch.no_grad():
+        llm(llm.embed(torch.tensor([[1, 2, 3]])), position_ids=torch.arange(3)[None], kv_cache=cache)
+    logits = llm.decode_step(torch.tensor([4]), position_ids=torch.tensor([[3]]), attention_mask=None, kv_cache=cache)
+    logits.sum().backward()
+    assert llm.layers[0].self_attn.q_proj.weight.grad is not None
+    assert getattr(llm, "_decode_weights", None) is None
