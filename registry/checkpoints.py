@@ -398,7 +398,6 @@ def load_weights(
     device: torch.device | str | None = None,
     strict: bool = True,
     scope: Sequence[str] = (),
-    skip_ours: Iterable[str] = (),
     grow_rows: Collection[str] = (),
     progress: bool = False,
 ) -> LoadReport:
@@ -409,7 +408,8 @@ def load_weights(
     names matrices (embedding, ``lm_head``) that may have fewer rows in the checkpoint than in the model;
     the extra rows are set to the mean of the loaded ones and reported. Every mismatch is collected first
     and raised as one :class:`StateDictError` listing each tensor by its checkpoint name (and ours where it
-    differs), expected and found shapes, and its component.
+    differs), expected and found shapes, and its component. ``strict=False`` tolerates unexpected tensors
+    only: a missing or misshapen one is always an error.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     scope = tuple(scope)
@@ -417,7 +417,6 @@ def load_weights(
     state_names = set(model.state_dict())
     ours = {n: p for n, p in model.named_parameters() if in_scope(n)}
     ours.update({n: b for n, b in model.named_buffers() if n in state_names and in_scope(n)})
-    skip = set(skip_ours)
     origin = getattr(checkpoint, "origin", {})
     plan: dict[str, str] = {}
     unexpected: list[str] = []
@@ -440,13 +439,14 @@ def load_weights(
             label = origin.get(key, key)
             label = label if label == name else f"{label} (ours: {name})"
             problems.append(f"  misshapen: {label} [{component_of(name)}]: expected {list(expected)}, found {list(found)}")
-    missing = [n for n in ours if n not in plan and n not in skip]
+    missing = [n for n in ours if n not in plan]
     problems += [
         f"  missing: {_with_ours(checkpoint_name(n, keymap), n)} [{component_of(n)}]: expected {list(ours[n].shape)}"
         for n in missing
     ]
-    problems += [f"  unexpected: {k}" for k in unexpected]
-    if problems and strict:
+    if strict:
+        problems += [f"  unexpected: {k}" for k in unexpected]
+    if problems:
         raise StateDictError(
             f"the checkpoint in {checkpoint.where} does not fit the model ({len(problems)} problem(s)):\n"
             + "\n".join(problems)

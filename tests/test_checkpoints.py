@@ -295,3 +295,18 @@ def test_local_folders_never_touch_the_network(monkeypatch, reference_folder):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("network used"))
     load_model(reference_folder[0])
+
+
+def test_strict_false_tolerates_unexpected_tensors_only(tmp_path, reference_folder):
+    source, reference = reference_folder
+    shutil.copy(source / "config.json", tmp_path)
+    state = hub_layout_state(reference)
+    state["language_model.model.layers.0.self_attn.extra_buffer"] = torch.zeros(3)
+    write_safetensors_shards(tmp_path, state)
+    with pytest.raises(StateDictError, match="unexpected: language_model.model.layers.0.self_attn.extra_buffer"):
+        load_model(tmp_path)
+    assert_same_logits(load_model(tmp_path, strict=False), reference)
+    state["image_newline"] = torch.zeros(63)
+    write_safetensors_shards(tmp_path, state)
+    with pytest.raises(StateDictError, match="misshapen: image_newline"):
+        load_model(tmp_path, strict=False)
