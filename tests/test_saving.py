@@ -221,3 +221,21 @@ def test_parse_size():
     assert parse_size(1234) == 1234
     with pytest.raises(ConfigError, match="expected bytes or a size"):
         parse_size("five gigs")
+
+
+def test_open_clip_tower_assembly_round_trips_through_the_llavakit_layout(tmp_path):
+    """An open_clip tower is a plugin transformers cannot express: saved per component, read back exactly."""
+    model = build_model(
+        "open_clip:ViT-B-32", "llama", image_token_index=IMAGE_TOKEN_INDEX, seed=0,
+        llm_options=dict(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, vocab_size=384),
+    )
+    model.save_pretrained(tmp_path)
+    document = json.loads((tmp_path / "llavakit.json").read_text())
+    assert document["model"]["vision"]["name"] == "open_clip:ViT-B-32"
+    reloaded = load_model(tmp_path)
+    size = (480, 640)
+    ids = torch.cat([torch.randint(3, 300, (1, 4)), torch.full((1, model.num_image_tokens(size)), IMAGE_TOKEN_INDEX)], dim=1)
+    pixel_values = torch.randn(1, model.tiler.num_tiles(size), 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, pixel_values=pixel_values, image_sizes=torch.tensor([size])).logits
+        assert torch.equal(reloaded(ids, pixel_values=pixel_values, image_sizes=torch.tensor([size])).logits, expected)
