@@ -285,8 +285,14 @@ def prepare_prompt(model: LlavaNextModel, input_ids, attention_mask=None, pixel_
 
 
 def resolve_config(model: LlavaNextModel, tokenizer: TextDecoder | None = None, **options: Any) -> GenerationConfig:
-    """Explicit options over the model's defaults; fills the pad id (pad, else first eos, else 0)."""
-    config = generation_defaults(model).updated(**options)
+    """Explicit options over the model's defaults. Without an eos id in the defaults the tokenizer's is used;
+    the pad id is the configured one, else the tokenizer's, else the first eos id, else 0."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    defaults = generation_defaults(model)
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    if not defaults.eos_token_id and tokenizer_eos is not None:
+        defaults = replace(defaults, eos_token_id=(int(tokenizer_eos),))
+    config = defaults.updated(**options)
     if config.pad_token_id is None:
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llavakit.core.generation import resolve_config
 from llavakit.registry import load_model
 from llavakit.registry.cli import main
 from llavakit.registry.commands import chat as chat_command
@@ -136,3 +137,13 @@ def test_chat_reports_a_bad_image_and_goes_on(checkpoint, tmp_path, capsys, monk
     assert code == 0
     assert "gone.png: no such file" in err
     assert len(out.splitlines()) == 1
+
+
+def test_the_tokenizer_supplies_eos_and_pad_when_the_model_folder_does_not():
+    from llavakit.registry.default_model import load_default_model
+
+    model = load_default_model()
+    tokenizer = model.processor.tokenizer
+    config = resolve_config(model, model.processor)
+    assert config.eos_token_id == (tokenizer.eos_token_id,) and config.pad_token_id == tokenizer.pad_token_id
+    assert resolve_config(model, model.processor, eos_token_id=[]).eos_token_id == ()
