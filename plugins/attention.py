@@ -87,7 +87,8 @@ class PaddedLayout:
 
     ``key_valid`` is ``[B, Lk]``; the queries are the last ``Lq`` key positions, so ``query_valid`` is its
     tail. ``*_index`` address the flattened ``[B * L]`` token axis; ``cu_seqlens_*`` are the int32 prefix
-    sums of real tokens per row that varlen kernels take.
+    sums of real tokens per row that varlen kernels take. ``key_spans[row]`` is ``(start, end)`` when the
+    row's real keys are one contiguous run (always under left padding), so they can be sliced, not copied.
     """
 
     key_valid: torch.Tensor
@@ -98,6 +99,7 @@ class PaddedLayout:
     cu_seqlens_q: torch.Tensor
     max_seqlen_k: int
     max_seqlen_q: int
+    key_spans: tuple[tuple[int, int] | None, ...]
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout:
@@ -124,6 +126,13 @@ class PaddedLayout:
             )
         query_valid = key_valid[:, k_len - q_len :]
         key_counts, query_counts = key_valid.sum(dim=1), query_valid.sum(dim=1)
+        first = key_valid.int().argmax(dim=1)  # the newest key is always real, so every row has one
+        # contiguous exactly when all `count` real keys lie in [first, first + count)
+        contiguous = key_valid.int().cumsum(dim=1).gather(1, (first + key_counts - 1)[:, None])[:, 0] == key_counts
+        spans = tuple(
+            (start, start + count) if whole else None
+            for start, count, whole in zip(first.tolist(), key_counts.tolist(), contiguous.tolist())
+        )
         return cls(
             key_valid=key_valid,
             query_valid=query_valid,
@@ -133,6 +142,7 @@ class PaddedLayout:
             cu_seqlens_q=F.pad(query_counts.cumsum(0, dtype=torch.int32), (1, 0)),
             max_seqlen_k=int(key_counts.max()),
             max_seqlen_q=int(query_counts.max()),
+            key_spans=spans,
         )
 
 
@@ -245,11 +255,15 @@ class FlashAttention(AttentionBackend):
     @staticmethod
     def _row_by_row(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
         """PyTorch's flash kernel takes no mask: run each row over its real tokens only."""
-        out = own_values(v, q.shape[2], q.shape[1]).clone()
-        for row in range(q.shape[0]):
-            queries, keys = layout.query_valid[row], layout.key_valid[row]
-            if not queries.any():
-                continue
+        q_len, k_len = q.shape[2], k.shape[2]
+        out = own_values(v, q_len, q.shape[1]).clone()
+        for row, span in enumerate(layout.key_spans):
+            if span is not None:  # slices are views: no copy of the row's keys and values
+                start = span[0]
+                queries = slice(max(start - (k_len - q_len), 0), q_len)
+                keys = slice(start, span[1])
+            else:
+                queries, keys = layout.query_valid[row], layout.key_valid[row]
             out[row, :, queries] = torch_flash(
                 q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
                 causal=True, scale=scale,
@@ -259,17 +273,20 @@ class FlashAttention(AttentionBackend):
 
 def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
     """PyTorch's flash kernel with bottom-right causality and grouped-query attention."""
-    attn_mask = None
     if causal and q.shape[2] != k.shape[2]:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo (seconds), which plugin discovery must not.
         from torch.nn.attention.bias import causal_lower_right
 
-        # A CausalBias, unlike a boolean mask, reaches the flash kernel (which aligns causal bottom-right).
-        attn_mask, causal = causal_lower_right(q.shape[2], k.shape[2]), False
-    if k.shape[1] != q.shape[1]:
+        # A CausalBias, unlike a boolean mask, reaches the flash kernel (which aligns causal bottom-right); its
+        # dispatch calls the kernel directly, without grouped-query support, so the heads are expanded here.
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+    # The kernel's own grouped-query support reads each key/value head once (repeat_kv would copy them).
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 @hookimpl
