@@ -1,7 +1,7 @@
 """Synthetic shapes: seeded scenes of coloured shapes with questions and answers, the task of llavakit's demo model.
 
-A scene is a plain light background of a varied size and aspect ratio (336×336 up to 1344×1008, portrait or
-landscape) holding 1–4 non-overlapping shapes (circle, square, triangle in red, green, blue, yellow, purple or
+A scene is a plain light background of a varied size and aspect ratio (336×336 up to 1344×1008, square to
+4:3, portrait or landscape) holding 1–4 non-overlapping shapes (circle, square, triangle in red, green, blue, yellow, purple or
 orange); no two shapes of a scene share both shape and colour. Each scene supports five question forms:
 
 ==============  ==================================  ======================================
@@ -42,8 +42,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 FORMS: tuple[str, ...] = ("color", "shape", "count", "exists", "describe")
 SHORT_FORMS: tuple[str, ...] = FORMS[:4]
 
-#: Image sides in pixels: the short side up to 1008, the long side up to 1344 (the issue's 1344×1008 range).
-MIN_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE = 336, 1008, 1344
+#: Image sides in pixels, from 336×336 to 1344×1008: the short side 336–1008, the long side at most 4/3 of it
+#: (square to 4:3, portrait or landscape) and at most 1344.
+MIN_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE, MAX_ASPECT = 336, 1008, 1344, 4 / 3
 #: Shape sizes as fractions of the image's shorter side. The issue's floor is 1/14; staying well above it
 #: keeps every shape over a full 14-px patch even when a 1344-px image is shrunk onto a 224-px AnyRes canvas.
 MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 7, 1 / 4
@@ -106,8 +107,8 @@ class QuestionAnswer:
 
 def sample_scene(rng: random.Random) -> Scene:
     """Draw one scene. Sizes, shapes, colours and positions all come from ``rng``."""
-    long_side = rng.randint(MIN_SIDE, MAX_LONG_SIDE)
-    short_side = rng.randint(MIN_SIDE, min(long_side, MAX_SHORT_SIDE))
+    short_side = rng.randint(MIN_SIDE, MAX_SHORT_SIDE)
+    long_side = min(round(short_side * rng.uniform(1, MAX_ASPECT)), MAX_LONG_SIDE)
     height, width = (short_side, long_side) if rng.random() < 0.5 else (long_side, short_side)
     background = tuple(rng.randint(225, 250) for _ in range(3))
     count = rng.randint(1, MAX_SHAPES)
