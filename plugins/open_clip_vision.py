@@ -101,9 +101,9 @@ class OpenClipVisionTower(VisionEncoder):
         folder_cfg = read_folder_config(config.pretrained)
         model_cfg = folder_cfg.get("model_cfg", model_cfg)
         self.visual = build_visual(open_clip, config, model_cfg)
-        self._trunk = self._timm_trunk()
-        if self._trunk is not None:
-            trunk = self._trunk
+        trunk = self._timm_trunk()
+        self.is_timm = trunk is not None  # a flag, not the module: a second reference would duplicate its weights
+        if trunk is not None:
             image_size, patch_size = trunk.patch_embed.img_size, trunk.patch_embed.patch_size
             self.hidden_size, self.num_layers = trunk.embed_dim, len(trunk.blocks)
             self.has_class_token = getattr(trunk, "cls_token", None) is not None
@@ -149,8 +149,8 @@ class OpenClipVisionTower(VisionEncoder):
     def forward(self, pixel_values, *, feature_layer: int = -2, strategy: SelectStrategy = "default"):
         block = self.feature_index(feature_layer) - 1
         pixel_values = pixel_values.to(next(self.visual.parameters()).dtype)
-        if self._trunk is not None:
-            (layer,) = self._trunk.forward_intermediates(
+        if self.is_timm:
+            (layer,) = self.visual.trunk.forward_intermediates(
                 pixel_values, indices=[block], return_prefix_tokens=True, stop_early=True, output_fmt="NLC",
                 intermediates_only=True,
             )

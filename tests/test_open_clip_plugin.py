@@ -111,6 +111,8 @@ def test_open_clip_vit_features_are_open_clips_own():
 def test_timm_tower_without_class_token_features():
     encoder = tower("open_clip:ViT-SO400M-14-SigLIP-384", **TINY_SIGLIP)
     assert (encoder.image_size, encoder.patch_size, encoder.has_class_token, encoder.hidden_size) == (56, 14, False, 32)
+    # The state dict is open_clip's visual.* once over (what loads and saves).
+    assert set(encoder.state_dict()) == {f"visual.{k}" for k in encoder.visual.state_dict()}
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     full = encoder(pixels, feature_layer=-1, strategy="full")
     assert full.shape == (2, 16, 32)
