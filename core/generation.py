@@ -315,6 +315,7 @@ def tokens_seen(prompt: Prompt, vocab_size: int) -> torch.Tensor:
     return counts > 0
 
 
+@torch.inference_mode()  # as a decorator it covers each resumption only, never the caller between steps
 def generate_steps(
     model: LlavaNextModel, prompt: Prompt, config: GenerationConfig, *, stop_matcher: StopStringMatcher | None = None
 ) -> Iterator[torch.Tensor]:
@@ -346,37 +347,36 @@ def generate_steps(
         full_mask[:, :prompt_length] = prompt.attention_mask
     positions = torch.tensor([[s.prompt_tokens] for s in prompt.stats], device=device)
 
-    with torch.inference_mode():
-        logits = model(
-            prompt.input_ids,
-            prompt.attention_mask,
-            prompt.pixel_values,
-            prompt.image_sizes,
-            kv_cache=cache,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        for step in range(config.max_new_tokens):
-            scores = process_logits(logits.float(), seen, config)
-            tokens = choose_tokens(scores, config, generator)
-            tokens = tokens.masked_fill(finished, config.pad_token_id)
-            finished_before = finished.tolist() if stop_matcher is not None else None
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            if eos.numel():
-                finished |= torch.isin(tokens, eos)
-            if stop_matcher is not None:
-                for row, token in enumerate(tokens.tolist()):
-                    if not finished_before[row]:
-                        generated[row].append(token)
-                        if not finished[row] and stop_matcher.matches(generated[row]):
-                            finished[row] = True
-            yield tokens
-            if step + 1 == config.max_new_tokens or bool(finished.all()):
-                return
-            mask = None if full_mask is None else full_mask[:, : prompt_length + step + 1]
-            logits = language_model.decode_step(
-                tokens, position_ids=positions + step, attention_mask=mask, kv_cache=cache
-            )
+    logits = model(
+        prompt.input_ids,
+        prompt.attention_mask,
+        prompt.pixel_values,
+        prompt.image_sizes,
+        kv_cache=cache,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    for step in range(config.max_new_tokens):
+        scores = process_logits(logits.float(), seen, config)
+        tokens = choose_tokens(scores, config, generator)
+        tokens = tokens.masked_fill(finished, config.pad_token_id)
+        finished_before = finished.tolist() if stop_matcher is not None else None
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        if eos.numel():
+            finished |= torch.isin(tokens, eos)
+        if stop_matcher is not None:
+            for row, token in enumerate(tokens.tolist()):
+                if not finished_before[row]:
+                    generated[row].append(token)
+                    if not finished[row] and stop_matcher.matches(generated[row]):
+                        finished[row] = True
+        yield tokens
+        if step + 1 == config.max_new_tokens or bool(finished.all()):
+            return
+        mask = None if full_mask is None else full_mask[:, : prompt_length + step + 1]
+        logits = language_model.decode_step(
+            tokens, position_ids=positions + step, attention_mask=mask, kv_cache=cache
+        )
 
 
 def generate(

@@ -246,6 +246,12 @@ class LlamaDecoder(LanguageModel):
         """Free the packed weight copies (they are rebuilt on the next generation step)."""
         self._decode_weights = None
 
+    def __getstate__(self):
+        # Packed copies are derived data in opaque layouts: never pickled or deep-copied, rebuilt on demand.
+        state = dict(super().__getstate__())
+        state.pop("_decode_weights", None)
+        return state
+
     def forward(self, inputs_embeds, *, position_ids, attention_mask=None, kv_cache=None):
         past = kv_cache.length if kv_cache is not None else 0
         x = inputs_embeds
