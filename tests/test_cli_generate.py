@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -147,3 +148,16 @@ def test_the_tokenizer_supplies_eos_and_pad_when_the_model_folder_does_not():
     config = resolve_config(model, model.processor)
     assert config.eos_token_id == (tokenizer.eos_token_id,) and config.pad_token_id == tokenizer.pad_token_id
     assert resolve_config(model, model.processor, eos_token_id=[]).eos_token_id == ()
+
+
+def test_generate_without_a_chat_template_uses_a_plain_prompt(checkpoint, image, tmp_path, capsys):
+    folder = tmp_path / "no-template"
+    shutil.copytree(checkpoint, folder)
+    (folder / "chat_template.jinja").unlink()
+    model = load_model(folder)
+    assert model.processor.chat_template is None
+    expected = model.processor([str(image)], "<image>\nWhat is this?")["input_ids"]
+    code, out, err = run_cli(capsys, "generate", "--model", str(folder), "--image", str(image),
+                             "--max-new-tokens", "3", "--json", "What is this?")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == expected.shape[1]

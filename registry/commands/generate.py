@@ -102,10 +102,10 @@ def model_inputs(processor, conversation: list[dict[str, Any]]):
     """The conversation rendered with the model's chat template, tokenized, its images processed."""
     if processor.chat_template is not None:
         return processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
-    # No template: the images' placeholders, then the text, as one plain prompt.
+    # No template: each turn's image placeholders, then its text, one turn per line.
     from llavakit.core.processor import images_in_conversation
 
-    images = [image for message in conversation for image in images_in_conversation([message])]
+    images = images_in_conversation(conversation)
     text = "\n".join(
         "".join(processor.image_token + "\n" for part in m["content"] if part["type"] == "image")
         + "".join(part.get("text", "") for part in m["content"] if part["type"] == "text")
