@@ -13,13 +13,12 @@ BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def meta_model(source: str | Path) -> LlavaNextModel:
-    """The model ``source`` describes, built on the meta device from its config alone."""
+    """The model ``source`` describes (config file or checkpoint folder of any layout), built on the meta
+    device from its config alone: no weight is read."""
     from llavakit.core.errors import CheckpointError
     from llavakit.registry.assembly import build_from_config
-    from llavakit.registry.checkpoints import read_json
     from llavakit.registry.config_files import read_model_config
-    from llavakit.registry.hf_config import from_llava_next
-    from llavakit.registry.loading import CONFIG_SUFFIXES
+    from llavakit.registry.loading import CONFIG_SUFFIXES, folder_config
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -27,8 +26,7 @@ def meta_model(source: str | Path) -> LlavaNextModel:
     if path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES and path.name != "config.json":
         config = read_model_config(path)
     else:
-        folder = path.parent if path.name == "config.json" else path
-        config = from_llava_next(read_json(folder / "config.json"), where=str(folder / "config.json"))
+        config = folder_config(path.parent if path.name == "config.json" else path)
     return build_from_config(config, device="meta", initialise=False)
 
 

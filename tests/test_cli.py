@@ -61,3 +61,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode != 0 and "HEIGHTxWIDTH" in bad.stderr
+
+
+def test_inspect_reads_an_original_llava_folder_without_weights(capsys, tmp_path):
+    from tiny import save_original_llava
+
+    save_original_llava(tmp_path / "orig", "llama-mha")
+    assert main(["inspect", str(tmp_path / "orig"), "--image-size", "336x336"]) == 0
+    out = capsys.readouterr().out
+    assert "clip-vit" in out and "1176 image tokens" in out
