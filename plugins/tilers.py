@@ -18,7 +18,7 @@ from torch import nn
 
 from llavakit.core.errors import ConfigError
 from llavakit.core.hooks import hookimpl
-from llavakit.core.images import as_hwc_array, parallel_map, resize_bicubic
+from llavakit.core.images import resize_chw
 from llavakit.core.interfaces import ImageTiler, TileLayout
 from llavakit.core.types import ImageSize, TokenGrid
 
@@ -159,29 +159,21 @@ class AnyResTiler(ImageTiler):
         layout = self.layout(ImageSize(image.height, image.width))
         size = self.tile_size
         tiles = np.zeros((layout.num_tiles, 3, size, size), dtype=np.uint8)
+        base, resized = resize_chw(image, [ImageSize(size, size), layout.resized])
+        tiles[0] = base
+        # The resized image sits centred on a black canvas; each tile's share of it is copied straight into
+        # the tile (no canvas is materialised: the zeros of ``tiles`` are the padding).
         top = (layout.canvas.height - layout.resized.height) // 2
         left = (layout.canvas.width - layout.resized.width) // 2
-
-        def base_tile() -> None:
-            tiles[0] = as_hwc_array(resize_bicubic(image, ImageSize(size, size))).transpose(2, 0, 1)
-
-        def grid_tiles() -> None:
-            # The resized image sits centred on a black canvas; each tile's share of it is copied straight
-            # into the tile (no canvas is materialised: the zeros of ``tiles`` are the padding).
-            resized = as_hwc_array(resize_bicubic(image, layout.resized)).transpose(2, 0, 1)
-            for index in range(layout.grid_rows * layout.grid_cols):
-                row, col = divmod(index, layout.grid_cols)
-                y0, x0 = max(row * size, top), max(col * size, left)
-                y1 = min((row + 1) * size, top + layout.resized.height)
-                x1 = min((col + 1) * size, left + layout.resized.width)
-                if y1 > y0 and x1 > x0:
-                    tiles[1 + index, :, y0 - row * size : y1 - row * size, x0 - col * size : x1 - col * size] = resized[
-                        :, y0 - top : y1 - top, x0 - left : x1 - left
-                    ]
-
-        # The two resizes are independent and of similar cost: when this image is tiled on its own they run on
-        # two cores, each in one piece (cutting them in strips as well would add work for little gain).
-        parallel_map(lambda task: task(), [grid_tiles, base_tile])
+        for index in range(layout.grid_rows * layout.grid_cols):
+            row, col = divmod(index, layout.grid_cols)
+            y0, x0 = max(row * size, top), max(col * size, left)
+            y1 = min((row + 1) * size, top + layout.resized.height)
+            x1 = min((col + 1) * size, left + layout.resized.width)
+            if y1 > y0 and x1 > x0:
+                tiles[1 + index, :, y0 - row * size : y1 - row * size, x0 - col * size : x1 - col * size] = resized[
+                    :, y0 - top : y1 - top, x0 - left : x1 - left
+                ]
         return torch.from_numpy(tiles)
 
 
@@ -223,10 +215,10 @@ class SingleTiler(ImageTiler):
 
     def split(self, image: Image.Image) -> torch.Tensor:
         layout = self.layout(ImageSize(image.height, image.width))
-        resized = as_hwc_array(resize_bicubic(image, layout.resized))
+        (resized,) = resize_chw(image, [layout.resized])
         top = (layout.resized.height - self.tile_size) // 2
         left = (layout.resized.width - self.tile_size) // 2
-        crop = resized[top : top + self.tile_size, left : left + self.tile_size].transpose(2, 0, 1)
+        crop = resized[:, top : top + self.tile_size, left : left + self.tile_size]
         return torch.from_numpy(np.ascontiguousarray(crop)[None])
 
 

@@ -7,10 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from llavakit.core.errors import ImageError, ImageFileError
-from llavakit.core.images import load_image, parallel_map, resize_bicubic
+from llavakit.core import images
+from llavakit.core.images import load_image, parallel_map, resize_chw
+from llavakit.core.resample import PRECISION_BITS, coefficients
 from llavakit.core.types import ImageSize
 
 
@@ -23,20 +27,53 @@ RESIZE_CASES = [
     ((768, 1024), (336, 336)), ((768, 1024), (504, 672)), ((1000, 100), (336, 336)), ((2000, 50), (1008, 26)),
     ((64, 64), (336, 672)), ((1, 1), (336, 336)), ((5, 700), (336, 336)), ((337, 673), (336, 671)),
     ((1080, 1920), (378, 672)), ((300, 200), (336, 224)), ((900, 120), (900, 336)), ((120, 900), (336, 900)),
+    ((700, 500), (700, 500)), ((3000, 2000), (1008, 672)),
 ]
 
 
+@pytest.fixture(params=["numba", "pil"])
+def resize_path(request, monkeypatch):
+    """Both implementations: the vectorised kernels and the PIL fallback used without numba."""
+    if request.param == "numba":
+        assert images.kernels() is not None, "numba is a dependency; the vectorised path must be available"
+    else:
+        monkeypatch.setattr(images, "kernels", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize(("source", "target"), RESIZE_CASES)
-def test_resize_is_pils_bicubic_pixel_for_pixel(source, target):
+def test_resize_is_pils_bicubic_byte_for_byte(resize_path, source, target):
     image = Image.fromarray(rgb_noise(*source, seed=sum(source)))
-    expected = image.resize((target[1], target[0]), Image.Resampling.BICUBIC)
-    assert resize_bicubic(image, ImageSize(*target)).tobytes() == expected.tobytes()
+    expected = np.asarray(image.resize((target[1], target[0]), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    (result,) = resize_chw(image, [ImageSize(*target)])
+    assert result.shape == expected.shape and np.array_equal(result, expected)
 
 
-def test_resize_inside_a_pool_worker_is_still_exact():
-    images = [Image.fromarray(rgb_noise(400 + 37 * i, 300 + 11 * i, seed=i)) for i in range(4)]
-    results = parallel_map(lambda im: resize_bicubic(im, ImageSize(336, 336)).tobytes(), images)
-    assert results == [im.resize((336, 336), Image.Resampling.BICUBIC).tobytes() for im in images]
+@given(
+    height=st.integers(1, 700), width=st.integers(1, 700), out_height=st.integers(1, 700), out_width=st.integers(1, 700),
+)
+@settings(max_examples=60, deadline=None)
+def test_resize_matches_pil_on_random_sizes(height, width, out_height, out_width):
+    image = Image.fromarray(rgb_noise(height, width, seed=height * 7 + width))
+    expected = np.asarray(image.resize((out_width, out_height), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(resize_chw(image, [ImageSize(out_height, out_width)])[0], expected)
+
+
+def test_several_sizes_share_one_input_and_work_inside_pool_workers():
+    pictures = [Image.fromarray(rgb_noise(400 + 37 * i, 300 + 11 * i, seed=i)) for i in range(4)]
+    sizes = [ImageSize(336, 336), ImageSize(504, 336), ImageSize(120, 900)]
+    results = parallel_map(lambda picture: resize_chw(picture, sizes), pictures)
+    for picture, resized in zip(pictures, results):
+        for size, result in zip(sizes, resized):
+            expected = np.asarray(picture.resize((size.width, size.height), Image.Resampling.BICUBIC))
+            assert np.array_equal(result, expected.transpose(2, 0, 1))
+
+
+def test_coefficients_are_pils_fixed_point_weights():
+    """Each output's 22-bit weights sum to 2**22 within rounding, start where PIL's window starts."""
+    bounds, weights = coefficients(1024, 336)
+    assert weights.dtype == np.int32 and bounds[0, 0] == 0 and bounds[-1].sum() == 1024
+    assert np.all(np.abs(weights.sum(axis=1) - (1 << PRECISION_BITS)) <= weights.shape[1])
 
 
 # ------------------------------------------------------------------------------------------ modes
