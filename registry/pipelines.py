@@ -149,7 +149,7 @@ class ImageTextToTextPipeline:
     def _run_prompts(self, text, images, max_new_tokens, return_full_text, options) -> list:
         single = isinstance(text, str)
         prompts = [text] if single else list(text)
-        inputs = self.processor(images, prompts if not single else text, padding_side="left")
+        inputs = self.processor(images, text, padding_side="left")
         replies = self._generate(inputs, max_new_tokens, options)
         records = [
             {"input_text": prompt, "generated_text": prompt + reply if return_full_text else reply}
@@ -158,16 +158,19 @@ class ImageTextToTextPipeline:
         return records if single else [[record] for record in records]
 
     def _generate(self, inputs, max_new_tokens, options) -> list[str]:
+        """Generate for the batch; each reply ends before the first stop string (the template's by default)."""
         template = self.processor.chat_template
-        stop_strings = tuple(template.stop_strings) if template is not None else ()
-        options.setdefault("stop_strings", list(stop_strings) or None)
+        stops = options.pop("stop_strings", None)
+        if stops is None:
+            stops = template.stop_strings if template is not None else ()
+        stops = [stops] if isinstance(stops, str) else list(stops)
         output = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, tokenizer=self.processor, **options
+            **inputs, max_new_tokens=max_new_tokens, tokenizer=self.processor, stop_strings=stops or None, **options
         )
         replies = []
         for prompt_row, output_row in zip(inputs["input_ids"], output):
             reply = reply_text(self.processor, prompt_row, output_row)
-            for stop in options["stop_strings"] or ():
+            for stop in stops:
                 reply = reply.split(stop)[0]
             replies.append(reply)
         return replies

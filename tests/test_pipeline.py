@@ -137,3 +137,13 @@ def test_unknown_task_and_bad_text_are_refused(pipes):
         pipeline("text-generation", model=ours.model)
     with pytest.raises(ConfigError, match="conversation"):
         ours(text=42)
+
+
+def test_stop_strings_cut_the_reply(pipes, image_server):
+    ours, _ = pipes
+    base, _ = image_server
+    chat = conversation({"url": f"{base}/wide.png"})
+    reply = ours(text=chat, max_new_tokens=20, return_full_text=False)[0]["generated_text"]
+    stop = reply[len(reply) // 2 : len(reply) // 2 + 3]
+    cut = ours(text=chat, max_new_tokens=20, return_full_text=False, stop_strings=stop)[0]["generated_text"]
+    assert cut == reply.split(stop)[0] and len(cut) < len(reply)
