@@ -205,11 +205,19 @@ def scene_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"synthetic-shapes:{seed}:{index}")
 
 
-def training_conversation(scene: Scene, rng: random.Random) -> list[QuestionAnswer]:
-    """Every form that applies to ``scene``, in a random order: one multi-turn conversation per image."""
+def training_conversation(scene: Scene, rng: random.Random, max_turns: int | None = None) -> list[QuestionAnswer]:
+    """Every form that applies to ``scene`` (or the first ``max_turns`` of them), in a random order: one
+    multi-turn conversation per image."""
     forms = list(FORMS)
     rng.shuffle(forms)
-    return [qa for qa in (ask(scene, form, rng) for form in forms) if qa is not None]
+    turns: list[QuestionAnswer] = []
+    for form in forms:
+        if max_turns is not None and len(turns) == max_turns:
+            break
+        qa = ask(scene, form, rng)
+        if qa is not None:
+            turns.append(qa)
+    return turns
 
 
 def llava_record(image: str, turns: Sequence[QuestionAnswer], record_id: str | None = None) -> dict:

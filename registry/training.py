@@ -93,6 +93,7 @@ class DataConfig(BaseModel):
 
     source: Literal["synthetic-shapes", "llava-json"]
     seed: int = 0
+    max_turns: int | None = Field(default=None, gt=0, description="synthetic-shapes: questions per scene (default: all forms)")
     path: str | None = Field(default=None, description="llava-json: the JSON or JSONL file")
     image_folder: str | None = Field(default=None, description="llava-json: images are relative to it")
     max_length: int | None = Field(default=None, gt=0, description="refuse longer examples (tokens, images included)")
@@ -181,7 +182,7 @@ def make_source(data: DataConfig):
     from llavakit.registry.datasets import LlavaJsonDataset, SyntheticShapesSource
 
     if data.source == "synthetic-shapes":
-        return SyntheticShapesSource(seed=data.seed)
+        return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns)
     return LlavaJsonDataset(data.path, data.image_folder)
 
 

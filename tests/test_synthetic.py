@@ -121,6 +121,16 @@ def test_training_conversations_cover_each_applicable_form_once():
         assert len(forms) == len(set(forms)) and {"count", "exists", "describe"} <= set(forms)
 
 
+def test_training_conversations_can_be_capped():
+    for index in range(20):
+        full_rng, capped_rng = shapes.scene_rng(3, index), shapes.scene_rng(3, index)
+        scene = shapes.sample_scene(full_rng)
+        assert shapes.sample_scene(capped_rng) == scene
+        full = shapes.training_conversation(scene, full_rng)
+        capped = shapes.training_conversation(scene, capped_rng, max_turns=2)
+        assert capped == full[:2]
+
+
 def test_write_dataset_writes_llava_records(tmp_path):
     path = shapes.write_dataset(tmp_path, 3, seed=5)
     records = [json.loads(line) for line in path.read_text().splitlines()]
