@@ -273,6 +273,7 @@ class FlashAttention(AttentionBackend):
 
 def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
     """PyTorch's flash kernel with bottom-right causality and grouped-query attention."""
+    causal = causal and q.shape[2] > 1  # a single (newest) query sees every key: nothing to mask
     if causal and q.shape[2] != k.shape[2]:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo (seconds), which plugin discovery must not.
         from torch.nn.attention.bias import causal_lower_right
