@@ -261,6 +261,15 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child (a DataLoader worker, say) inherits the pool object but none of its threads."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def parallel_map(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[function(x) for x in items]`` on the shared image thread pool, in order.
 

@@ -229,3 +229,18 @@ def test_ambiguous_and_invalid_arrays_are_refused():
         load_image(np.zeros((2, 10, 10, 3), np.uint8))
     with pytest.raises(ImageError, match="unsupported image type int"):
         load_image(5)
+
+
+def test_the_pool_works_in_a_forked_child():
+    """DataLoader workers fork after the parent used the pool; the child must not wait on threads it lacks."""
+    import multiprocessing
+
+    picture = Image.fromarray(rgb_noise(300, 400))
+    expected = resize_chw(picture, [ImageSize(336, 336), ImageSize(336, 448)])[0].tobytes()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        result = pool.apply_async(_resize_in_child, (picture,)).get(timeout=60)
+    assert result == expected
+
+
+def _resize_in_child(picture):
+    return resize_chw(picture, [ImageSize(336, 336), ImageSize(336, 448)])[0].tobytes()
