@@ -312,31 +312,41 @@ def resize_chw(image: Image.Image, sizes: Sequence[ImageSize]) -> list[np.ndarra
     PIL's ``BICUBIC``: the very bytes ``image.resize((w, h), BICUBIC)`` gives.
 
     With numba, :mod:`llavakit.core.resample` computes PIL's fixed-point passes vectorised, the transposed input
-    is shared by all sizes, and a lone image's passes are spread over all cores. Without numba, PIL resizes
-    (the sizes on separate cores).
+    is shared by all sizes, and the sizes go to separate cores (a single size has its passes split over them).
+    Without numba, PIL resizes (the sizes on separate cores).
     """
     compiled = kernels()
     if compiled is None:
         resized = parallel_map(lambda size: image.resize((size.width, size.height), Image.Resampling.BICUBIC), sizes)
         return [as_hwc_array(r).transpose(2, 0, 1) for r in resized]
     rows = as_hwc_array(image).reshape(image.height, image.width * 3)
-    transposed: list[np.ndarray] = []  # [W, 3H], made once for all sizes that start with the horizontal pass
-    resized = [_resize_rows(compiled, rows, ImageSize(*size), transposed) for size in sizes]
-    return [r.reshape(size[0], size[1], 3).transpose(2, 0, 1) for r, size in zip(resized, sizes)]
+    sizes = [ImageSize(*size) for size in sizes]
+    # The transposed input ([W, 3H]) is made once for every size that starts with the horizontal pass; then
+    # several sizes go to separate cores whole (fewer hand-offs than splitting each pass).
+    transposed = _transpose(compiled, rows) if any(_horizontal_first(rows, s) for s in sizes) else None
+    resized = parallel_map(lambda size: _resize_rows(compiled, rows, size, transposed), sizes)
+    return [r.reshape(size.height, size.width, 3).transpose(2, 0, 1) for r, size in zip(resized, sizes)]
 
 
-def _resize_rows(compiled, rows: np.ndarray, size: ImageSize, transposed: list[np.ndarray]) -> np.ndarray:
+def _horizontal_first(rows: np.ndarray, size: ImageSize) -> bool:
+    """Whether PIL starts this resize with the horizontal pass (and there is one)."""
+    height, width = rows.shape[0], rows.shape[1] // 3
+    if size.width == width:
+        return False
+    shrink_h, shrink_w = height - size.height, width - size.width
+    vertical_first = size.height != height and _pil_runs_vertical_first() and shrink_h > 0 and shrink_h > shrink_w * 2
+    return not vertical_first
+
+
+def _resize_rows(compiled, rows: np.ndarray, size: ImageSize, transposed: np.ndarray | None) -> np.ndarray:
     """``[h, 3w]`` pixel rows of ``rows`` (``[H, 3W]``) resized, the two passes in PIL's order."""
     height, width = rows.shape[0], rows.shape[1] // 3
     if size.width == width:
         return _pass(compiled, rows, size.height) if size.height != height else rows
-    shrink_h, shrink_w = height - size.height, width - size.width
-    if size.height != height and _pil_runs_vertical_first() and shrink_h > 0 and shrink_h > shrink_w * 2:
+    if not _horizontal_first(rows, size):
         shortened = _transpose(compiled, _pass(compiled, rows, size.height))
         return _transpose(compiled, _pass(compiled, shortened, size.width))
-    if not transposed:
-        transposed.append(_transpose(compiled, rows))
-    narrowed = _transpose(compiled, _pass(compiled, transposed[0], size.width))
+    narrowed = _transpose(compiled, _pass(compiled, transposed, size.width))
     return _pass(compiled, narrowed, size.height) if size.height != height else narrowed
 
 
