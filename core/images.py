@@ -10,9 +10,10 @@ too), and uint8 arrays or tensors. Every one goes through the same policy before
 - **Orientation.** The EXIF orientation tag is applied (a phone photo shot in portrait is upright).
 - **Colour.** Images with transparency (an alpha band: ``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``; or a
   ``transparency`` entry: palette and ``L``/``RGB`` images with a tRNS chunk) are composited on white, as
-  transformers does (which, unlike llavakit, reads the premultiplied ``La``/``RGBa`` as opaque). 16-bit and 32-bit integer grey (``I;16*``, ``I``) are scaled to 8 bits
-  (``round(v / 257)``, clipped); float grey (``F``) is read as 0-255 and clipped; ``1`` (bilevel) becomes
-  0/255; ``L``, ``P``, ``CMYK`` (no colour management), ``YCbCr`` and ``HSV`` use PIL's conversion.
+  transformers does (which, unlike llavakit, reads the premultiplied ``La``/``RGBa`` as opaque). 16-bit and
+  32-bit integer grey (``I;16*``, ``I``) are scaled to 8 bits (``round(v / 257)``, clipped); float grey
+  (``F``) is read as 0-255 and clipped; ``1`` (bilevel) becomes 0/255; ``L``, ``P``, ``CMYK`` (no colour
+  management), ``YCbCr`` and ``HSV`` use PIL's conversion.
 - **Arrays and tensors** must be uint8: height x width (grey), or height x width x channels with 1, 3 or 4
   channels; ``channels_first=True`` reads channels x height x width. Without it, arrays are read as HWC, and
   one that only makes sense as CHW (3 x 480 x 640, say) is refused with a hint rather than guessed.
@@ -231,7 +232,7 @@ def _is_channels_first(shape: Sequence[int], channels_first: bool | None, label:
     return False
 
 
-# ------------------------------------------------------------------------------------------- resize
+# ------------------------------------------------------------------------------------------- threads and resize
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -267,15 +268,16 @@ def _forget_pool_after_fork() -> None:
     _POOL = None
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere processes are spawned, not forked
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def parallel_map(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[function(x) for x in items]`` on the shared image thread pool, in order.
 
-    PIL and torch release the GIL while they work, so threads use every core. Called from inside a pool
-    worker (a tiler splitting one image of a batch the processor already spread over the pool), it runs
-    serially instead of waiting on its own pool.
+    PIL, numpy and the numba kernels release the GIL while they work, so threads use every core. Called from
+    inside a pool worker (a tiler splitting one image of a batch the processor already spread over the pool),
+    it runs serially instead of waiting on its own pool.
     """
     items = list(items)
     if len(items) <= 1 or num_workers() == 1 or getattr(_WORKER, "active", False):
