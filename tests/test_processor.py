@@ -302,3 +302,19 @@ def test_saving_the_model_keeps_its_processor(model, processor, tmp_path):
     for key, value in again([image(300, 200, 8)], PROMPT).items():
         assert torch.equal(value, batch[key]), key
     assert again.chat_template.source == processor.chat_template.source
+
+
+def test_arrays_tensors_and_paths_give_the_same_batch(processor, tmp_path):
+    picture = image(120, 90, 9)
+    picture.save(tmp_path / "p.png")
+    hwc = np.asarray(picture)
+    expected = processor(picture, PROMPT)
+    for value, options in [
+        (hwc, {}), (torch.from_numpy(hwc.copy()), {}), (hwc.transpose(2, 0, 1).copy(), {"channels_first": True}),
+        (tmp_path / "p.png", {}), (str(tmp_path / "p.png"), {}),
+    ]:
+        result = processor(value, PROMPT, **options)
+        assert torch.equal(result["pixel_values"], expected["pixel_values"])
+        assert torch.equal(result["input_ids"], expected["input_ids"])
+    with pytest.raises(ImageError, match="looks channels-first"):
+        processor(hwc.transpose(2, 0, 1).copy(), PROMPT)

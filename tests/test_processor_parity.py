@@ -165,3 +165,18 @@ def test_a_saved_processor_reads_back_identically_in_both_libraries(processors, 
     assert_same_batch(theirs(images=images, text=PROMPTS, return_tensors="pt", padding=True), expected)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     assert again.apply_chat_template(conversation) == theirs.apply_chat_template(conversation)
+
+
+def test_real_mistral_vocabulary_with_images(mistral_tokenizer_dir, tmp_path):
+    """The llava-v1.6-mistral tokenizer (<image> = 32000) in a hub-layout folder, images and chat template."""
+    import shutil
+
+    folder = write_processor_folder(tmp_path / "mistral", layout="hub")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(mistral_tokenizer_dir / name, folder / name)
+    ours, theirs = load_processor(folder, image_token_index=32000), transformers_processor(folder)
+    images = [random_image(size, seed=40 + i) for i, size in enumerate([(899, 1024), (480, 640), (64, 64)])]
+    prompts = [PROMPTS[0], "[INST] <image><image>\nCompare them. [/INST]"]
+    assert_same_batch(ours(images, prompts), theirs(images=images, text=prompts, return_tensors="pt", padding=True))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    assert ours.apply_chat_template(conversation) == theirs.apply_chat_template(conversation)
