@@ -65,6 +65,13 @@ class LlavaNextModel(nn.Module):
                 f"vision_feature_select_strategy='default' drops a class token, but the vision encoder "
                 f"{config.vision.name!r} has none; set vision_feature_select_strategy='full'"
             )
+        if config.vision_feature_select_strategy == "full" and vision_tower.has_class_token:
+            # Tilers arrange and count tokens on the per-tile patch grid; a class token has no place on it.
+            raise ConfigError(
+                f"vision_feature_select_strategy='full' keeps the class token of {config.vision.name!r}, which the "
+                "tiler cannot place on the patch grid (its token count would disagree with the features); use "
+                "'default'"
+            )
 
     # ----------------------------------------------------------------------------------------- tokens
     @property

@@ -100,6 +100,8 @@ def test_dimension_mismatch_is_explained():
 def test_feature_strategy_needs_a_class_token_aware_encoder():
     with pytest.raises(ConfigError, match="vision_feature_layer=-30 is out of range"):
         tiny(vision_feature_layer=-30)
+    with pytest.raises(ConfigError, match="'full' keeps the class token"):
+        tiny(vision_feature_select_strategy="full")
 
 
 def test_flash_refuses_fp32_on_cuda_before_allocating():
