@@ -4,6 +4,9 @@ Each is an ``nn.Module`` subclass with a few declared attributes and abstract me
 model (:mod:`llavakit.core.model`) only talks to components through these contracts, which is what makes
 them swappable: a plugin that honours them can replace any built-in.
 
+A component that loads its own weights when built (an open_clip tower's ``pretrained`` option, say) sets
+``has_loaded_weights = True`` so the assembler does not report it as untrained.
+
 Shapes use ``N`` for tiles, ``P`` for tokens per tile, ``C`` for vision width, ``D`` for LLM width,
 ``B`` for batch and ``L`` for sequence length. Floating tensors follow the module's parameter dtype.
 """

@@ -191,6 +191,7 @@ class OpenClipVisionTower(VisionEncoder):
                 "check that the weights belong to this model name"
             )
         self.visual.load_state_dict(state)
+        self.has_loaded_weights = True
 
 
 def build_visual(open_clip, config: OpenClipVisionConfig, model_cfg: dict) -> nn.Module:

@@ -200,6 +200,8 @@ def build_from_config(
 
         load_sources(model, sources, device=device, dtype=dtype)
         model.finish_loading()
+    # A component may load its own weights (an open_clip tower's ``pretrained`` option): then it is trained.
+    model.untrained -= {part for part, module in modules.items() if getattr(module, "has_loaded_weights", False)}
     if config.tokenizer is not None:
         from llavakit.registry.processing import processor_for_model
 

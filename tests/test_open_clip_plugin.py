@@ -172,6 +172,10 @@ def test_pretrained_weights_from_a_folder_or_a_file(tmp_path):
     from_file = tower("open_clip:ViT-B-16", pretrained=str(file), **TINY_B16)
     assert from_file.image_mean == (0.48145466, 0.4578275, 0.40821073)
     assert torch.equal(from_file.visual.conv1.weight, source.visual.conv1.weight)
+    # Assembled with its own weights, the tower is not reported as untrained (the other parts still are).
+    model = tiny_model("open_clip:ViT-B-16", {"pretrained": str(tmp_path / "hub-layout")})
+    assert model.untrained == {"projector", "tiler", "llm"}
+    assert "vision" in tiny_model("open_clip:ViT-B-16", TINY_B16).untrained
 
 
 def test_unusable_weights_name_the_file_and_tensors(tmp_path):
