@@ -102,13 +102,29 @@ def test_missing_image_fails_before_loading_a_model(checkpoint, tmp_path, capsys
     assert f"--image {missing}: no such file" in err
 
 
-def test_default_model_runs_and_says_its_answer_is_noise(image, capsys):
+def test_default_model_runs_and_says_when_its_answer_is_noise(image, capsys):
+    from llavakit.registry.default_model import load_default_model
+
     code, out, err = run_cli(capsys, "generate", "--image", str(image), "--max-new-tokens", "6", "--json",
                              "--dtype", "bfloat16", "What shape is blue?")
     assert code == 0, err
     report = json.loads(out)
     assert report["new_tokens"] <= 6 and report["image_tokens"] > 0
-    assert "RANDOM weights" in err and "noise" in err
+    assert ("RANDOM weights" in err and "noise" in err) == bool(load_default_model().untrained)
+
+
+def test_untrained_notice():
+    from llavakit.registry import build_model
+    from llavakit.registry.default_model import untrained_notice
+
+    model = build_model("clip-vit", "llama", vision_options=dict(image_size=28, patch_size=14, hidden_size=32,
+                        intermediate_size=64, num_layers=1, num_heads=4),
+                        llm_options=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                                         num_heads=4), image_token_index=63)
+    notice = untrained_notice(model, "my model")
+    assert "my model has RANDOM weights" in notice and "noise" in notice and "llm" in notice
+    model.untrained = set()
+    assert untrained_notice(model, "my model") is None
 
 
 def test_chat_keeps_the_conversation_and_resets(checkpoint, image, capsys, monkeypatch):
@@ -140,13 +156,15 @@ def test_chat_reports_a_bad_image_and_goes_on(checkpoint, tmp_path, capsys, monk
     assert len(out.splitlines()) == 1
 
 
-def test_the_tokenizer_supplies_eos_and_pad_when_the_model_folder_does_not():
-    from llavakit.registry.default_model import load_default_model
-
-    model = load_default_model()
+def test_the_tokenizer_supplies_eos_and_pad_when_the_model_folder_does_not(checkpoint, tmp_path):
+    folder = tmp_path / "no-generation-config"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").unlink()
+    model = load_model(folder)
     tokenizer = model.processor.tokenizer
     config = resolve_config(model, model.processor)
-    assert config.eos_token_id == (tokenizer.eos_token_id,) and config.pad_token_id == tokenizer.pad_token_id
+    assert config.eos_token_id == (tokenizer.eos_token_id,) == (2,)
+    assert config.pad_token_id == tokenizer.pad_token_id == 32001
     assert resolve_config(model, model.processor, eos_token_id=[]).eos_token_id == ()
 
 
