@@ -46,8 +46,8 @@ SHORT_FORMS: tuple[str, ...] = FORMS[:4]
 #: (square to 4:3, portrait or landscape) and at most 1344.
 MIN_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE, MAX_ASPECT = 336, 1008, 1344, 4 / 3
 #: Shape sizes as fractions of the image's shorter side. The issue's floor is 1/14; staying well above it
-#: keeps every shape over a full 14-px patch even when a 1344-px image is shrunk onto a 224-px AnyRes canvas.
-MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 7, 1 / 4
+#: keeps every shape wider than a 14-px patch even when the image is shrunk onto a 112-px AnyRes tile.
+MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 6, 2 / 7
 #: Two centres must be this far apart horizontally (in mean shape widths): no two shapes share a column of
 #: the image, so "left to right" is unambiguous.
 MIN_HORIZONTAL_GAP = 1.0
@@ -205,11 +205,16 @@ def scene_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"synthetic-shapes:{seed}:{index}")
 
 
-def training_conversation(scene: Scene, rng: random.Random, max_turns: int | None = None) -> list[QuestionAnswer]:
+def training_conversation(
+    scene: Scene, rng: random.Random, max_turns: int | None = None, weights: dict[str, float] | None = None
+) -> list[QuestionAnswer]:
     """Every form that applies to ``scene`` (or the first ``max_turns`` of them), in a random order: one
-    multi-turn conversation per image."""
-    forms = list(FORMS)
-    rng.shuffle(forms)
+    multi-turn conversation per image. ``weights`` (default 1 per form) make a form come earlier in
+    proportion to its weight, so with ``max_turns=1`` it is asked that much more often."""
+    weights = weights or {}
+    # Weighted random order (Efraimidis-Spirakis): sort by u ** (1 / weight), largest first.
+    keys = {form: rng.random() ** (1 / weights.get(form, 1.0)) for form in FORMS}
+    forms = sorted(FORMS, key=lambda form: -keys[form])
     turns: list[QuestionAnswer] = []
     for form in forms:
         if max_turns is not None and len(turns) == max_turns:

@@ -188,21 +188,23 @@ class LlavaJsonDataset:
 
 class SyntheticShapesSource:
     """The synthetic-shapes task as an endless source: example ``i`` is scene ``i`` of the stream ``seed``,
-    with one question of every form that applies (at most ``max_turns`` of them)."""
+    with one question of every form that applies (at most ``max_turns`` of them, favouring forms with a
+    larger ``form_weights`` entry)."""
 
     size = None
 
-    def __init__(self, seed: int = 0, max_turns: int | None = None):
+    def __init__(self, seed: int = 0, max_turns: int | None = None, form_weights: dict[str, float] | None = None):
         from llavakit.plugins import synthetic_shapes
 
         self.seed = seed
         self.max_turns = max_turns
+        self.form_weights = dict(form_weights or {})
         self._task = synthetic_shapes
 
     def _conversation(self, index: int):
         rng = self._task.scene_rng(self.seed, index)
         scene = self._task.sample_scene(rng)
-        return scene, self._task.training_conversation(scene, rng, self.max_turns)
+        return scene, self._task.training_conversation(scene, rng, self.max_turns, self.form_weights)
 
     @staticmethod
     def _messages(turns) -> list[dict[str, str]]:

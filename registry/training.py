@@ -94,6 +94,9 @@ class DataConfig(BaseModel):
     source: Literal["synthetic-shapes", "llava-json"]
     seed: int = 0
     max_turns: int | None = Field(default=None, gt=0, description="synthetic-shapes: questions per scene (default: all forms)")
+    form_weights: dict[Literal["color", "shape", "count", "exists", "describe"], float] = Field(
+        default_factory=dict, description="synthetic-shapes: how often each question form comes first (default 1 each)"
+    )
     path: str | None = Field(default=None, description="llava-json: the JSON or JSONL file")
     image_folder: str | None = Field(default=None, description="llava-json: images are relative to it")
     max_length: int | None = Field(default=None, gt=0, description="refuse longer examples (tokens, images included)")
@@ -182,7 +185,7 @@ def make_source(data: DataConfig):
     from llavakit.registry.datasets import LlavaJsonDataset, SyntheticShapesSource
 
     if data.source == "synthetic-shapes":
-        return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns)
+        return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns, form_weights=data.form_weights)
     return LlavaJsonDataset(data.path, data.image_folder)
 
 

@@ -131,6 +131,16 @@ def test_training_conversations_can_be_capped():
         assert capped == full[:2]
 
 
+def test_form_weights_set_how_often_a_form_is_asked_first():
+    first = Counter()
+    for index in range(600):
+        rng = shapes.scene_rng(4, index)
+        scene = shapes.sample_scene(rng)
+        first[shapes.training_conversation(scene, rng, max_turns=1, weights={"describe": 4})[0].form] += 1
+    assert first["describe"] > 0.5 * 600  # weight 4 of 8: half, give or take forms that do not apply
+    assert all(first[form] > 0 for form in shapes.FORMS)
+
+
 def test_write_dataset_writes_llava_records(tmp_path):
     path = shapes.write_dataset(tmp_path, 3, seed=5)
     records = [json.loads(line) for line in path.read_text().splitlines()]
