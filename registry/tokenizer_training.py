@@ -38,7 +38,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = byte_level_decoder()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -54,6 +54,14 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
     return tokenizer
+
+
+def byte_level_decoder():
+    """Byte-level decoding that drops the one space an answer starts with (``" Red."`` reads ``"Red."``), as
+    Llama tokenizers drop their leading ``▁``."""
+    from tokenizers import decoders
+
+    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)])
 
 
 def _strip_specials(text: str, specials: list[str]) -> str:

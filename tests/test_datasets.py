@@ -144,7 +144,8 @@ def test_labels_cover_exactly_the_answers(processor):
     assert all(labels[i] == ids[i] for i in labelled)
     answers = [m["content"] for m in example.messages if m["role"] == "assistant"]
     eos = processor.tokenizer.eos_token
-    assert processor.decode([ids[i] for i in labelled]) == "".join(f" {a}{eos}" for a in answers)
+    # (the shapes tokenizer's decoder drops the one leading space of a decoded text)
+    assert processor.decode([ids[i] for i in labelled]) == "".join(f" {a}{eos}" for a in answers).removeprefix(" ")
     runs = [labelled[0]] + [b for a, b in zip(labelled, labelled[1:]) if b != a + 1]
     assert len(runs) == len(answers)
     masked_text = processor.decode([t for i, t in enumerate(ids) if i not in set(labelled) and t != processor.image_token_id])
