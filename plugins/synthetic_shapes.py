@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -52,6 +53,13 @@ MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 1 / 6, 2 / 7
 #: the image, so "left to right" is unambiguous.
 MIN_HORIZONTAL_GAP = 1.0
 MAX_SHAPES = 4
+#: Classes of the per-patch labels (:meth:`Scene.patch_labels`): 0 is background, then one per (colour, shape).
+PATCH_CLASSES: tuple[str, ...] = ("background",) + tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+
+
+def patch_class(shape: str, color: str) -> int:
+    """The :data:`PATCH_CLASSES` index of a ``color`` ``shape``."""
+    return PATCH_CLASSES.index(f"{color} {shape}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,36 @@ class Scene:
             else:
                 draw.polygon([((left + right) / 2, top), (right - 1, bottom - 1), (left, bottom - 1)], fill=fill)
         return image
+
+    def patch_labels(self, rows: int, cols: int, *, min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
+        """Per-patch classes (:data:`PATCH_CLASSES`) of the image stretched onto a ``rows`` × ``cols`` patch grid,
+        as an AnyRes base tile stretches it: ``int64 [rows, cols]``.
+
+        A patch takes the class of the shape covering most of it, if that shape covers at least ``min_cover``
+        of the patch (edge patches see part of a shape and must still name it), else background. Coverage is
+        measured on a label map drawn ``oversample`` pixels per patch side with the scene's geometry scaled
+        the same way (circles become the ellipses the stretched tile shows).
+        """
+        height, width = rows * oversample, cols * oversample
+        scale_x, scale_y = width / self.width, height / self.height
+        label_map = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(label_map)
+        for index, item in enumerate(self.shapes, start=1):
+            left, top, right, bottom = item.box
+            box = (left * scale_x, top * scale_y, right * scale_x - 1, bottom * scale_y - 1)
+            if item.shape == "circle":
+                draw.ellipse(box, fill=index)
+            elif item.shape == "square":
+                draw.rectangle(box, fill=index)
+            else:
+                draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=index)
+        objects = np.asarray(label_map, dtype=np.int64).reshape(rows, oversample, cols, oversample)
+        objects = objects.transpose(0, 2, 1, 3).reshape(rows, cols, oversample * oversample)
+        cover = np.stack([(objects == k).mean(-1) for k in range(len(self.shapes) + 1)])  # [1 + n, rows, cols]
+        cover[0] = min_cover  # background wins unless a shape covers at least min_cover
+        winner = cover.argmax(0)
+        classes = np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
+        return classes[winner]
 
 
 @dataclass(frozen=True)

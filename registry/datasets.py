@@ -222,6 +222,17 @@ class SyntheticShapesSource:
     def texts(self, limit: int) -> list[list[dict[str, str]]]:
         return [self._messages(self._conversation(index)[1]) for index in range(limit)]
 
+    @property
+    def patch_classes(self) -> tuple[str, ...]:
+        """Names of the per-patch classes :meth:`patch_example` labels with (0 is background)."""
+        return self._task.PATCH_CLASSES
+
+    def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor]:
+        """Scene ``index`` (the same scene :meth:`example` gives) and its per-patch classes on a ``rows`` ×
+        ``cols`` grid of the whole image stretched to one tile: the labels of a ``patch-labels`` training stage."""
+        scene = self._task.sample_scene(self._task.scene_rng(self.seed, index))
+        return scene.render(), torch.from_numpy(scene.patch_labels(rows, cols))
+
 
 # ------------------------------------------------------------------------------------------ encoding
 def answer_spans(processor: Processor, messages: Sequence[Mapping[str, Any]], where: str) -> tuple[str, list[tuple[int, int]]]:

@@ -66,6 +66,11 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    objective: Literal["answers", "patch-labels"] = Field(
+        default="answers",
+        description="answers: next-token loss on the assistant answers (the LLaVA stages); patch-labels: the vision "
+        "tower alone learns to name what each patch shows, through a linear head dropped after the stage",
+    )
     steps: int = Field(gt=0, description="optimizer steps")
     batch_size: int = Field(default=8, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
@@ -83,6 +88,16 @@ class StageConfig(BaseModel):
 
     @model_validator(mode="after")
     def _something_trains(self) -> StageConfig:
+        if self.objective == "patch-labels":
+            others = sorted(set(self.components) - {"vision"})
+            if others:
+                raise ValueError(
+                    f"stage {self.name!r} has objective patch-labels, which trains only the vision tower; remove the "
+                    f"settings of {', '.join(others)}"
+                )
+            if self.settings("vision").freeze:
+                raise ValueError(f"stage {self.name!r} has objective patch-labels but freezes the vision tower it trains")
+            return self
         if all(self.settings(c).freeze for c in COMPONENT_MODULES):
             raise ValueError(f"stage {self.name!r} freezes every component; leave at least one to train")
         return self
@@ -245,17 +260,23 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def configure_components(model, stage: StageConfig) -> list[dict[str, Any]]:
-    """Freeze and unfreeze per the stage; the optimizer's parameter groups (decay on matrices only)."""
+def configure_components(model, stage: StageConfig, head: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+    """Freeze and unfreeze per the stage; the optimizer's parameter groups (decay on matrices only).
+
+    A ``patch-labels`` stage trains the vision tower and its labelling ``head`` only (the head at the tower's rate).
+    """
     groups = []
     for component, attribute in COMPONENT_MODULES.items():
         settings = stage.settings(component)
         module = getattr(model, attribute)
-        module.requires_grad_(not settings.freeze)
-        if settings.freeze:
+        frozen = settings.freeze or (stage.objective == "patch-labels" and component != "vision")
+        module.requires_grad_(not frozen)
+        if frozen:
             continue
         lr = settings.lr or stage.lr
         params = [p for p in module.parameters()]
+        if component == "vision" and head is not None:
+            params += list(head.parameters())
         matrices = [p for p in params if p.ndim >= 2]
         vectors = [p for p in params if p.ndim < 2]
         for group_params, decay in ((matrices, stage.weight_decay), (vectors, 0.0)):
@@ -303,9 +324,11 @@ class TrainingState:
     elapsed_s: float = 0.0
 
 
-def save_checkpoint(model, folder: Path, state: TrainingState, optimizer, scheduler) -> Path:
+def save_checkpoint(model, folder: Path, state: TrainingState, optimizer, scheduler,
+                    head: torch.nn.Module | None = None) -> Path:
     """A llava-hf folder (weights, config; the processor saves tokenizer, image settings and chat template)
-    plus ``generation_config.json`` and ``training_state.pt``."""
+    plus ``generation_config.json`` and ``training_state.pt`` (with a ``patch-labels`` stage's head, which is
+    not part of the model)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     write_generation_config(model, folder)
@@ -313,6 +336,7 @@ def save_checkpoint(model, folder: Path, state: TrainingState, optimizer, schedu
         {
             "stage": state.stage, "step": state.step, "samples": state.samples, "elapsed_s": state.elapsed_s,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            **({"patch_head": head.state_dict()} if head is not None else {}),
         },
         folder / STATE_FILE,
     )
@@ -376,6 +400,71 @@ def training_step(model, processor, source, stage: StageConfig, state: TrainingS
     return StepResult(loss=loss_sum / total, answer_tokens=total)
 
 
+def patch_label_head(model, source, stage: StageConfig, seed: int) -> torch.nn.Linear:
+    """The linear head of a ``patch-labels`` stage: vision features → the source's patch classes (seeded)."""
+    classes = getattr(source, "patch_classes", None)
+    if classes is None or not hasattr(source, "patch_example"):
+        raise ConfigError(
+            f"stage {stage.name!r} has objective patch-labels, but the data source {type(source).__name__} has no "
+            "per-patch labels; use data source synthetic-shapes for this stage, or objective answers"
+        )
+    tower = model.vision_tower
+    generator = torch.Generator().manual_seed(seed + 7919)
+    head = torch.nn.Linear(tower.hidden_size, len(classes))
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.02, generator=generator)
+        head.bias.zero_()
+    return head.to(model.device)
+
+
+def patch_label_step(model, source, stage: StageConfig, state: TrainingState, optimizer, head: torch.nn.Module, *,
+                     autocast: torch.dtype | None) -> StepResult:
+    """One optimizer step of a ``patch-labels`` stage: each image is stretched onto one tile exactly as the
+    processor makes an AnyRes base tile, and the tower's features at the model's feature layer (class token
+    dropped as the model drops it) are classified patch by patch; the loss is the mean over patches."""
+    from llavakit.core.images import resize_chw
+    from llavakit.core.types import ImageSize
+
+    tower = model.vision_tower
+    tile = int(tower.image_size)
+    grid = tile // int(tower.patch_size)
+    processor = model.processor
+    scale = torch.tensor([processor.rescale_factor / s for s in processor.image_std]).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(processor.image_mean, processor.image_std)]).view(3, 1, 1)
+    device = model.device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, patches = 0.0, 0
+    for micro in range(stage.grad_accum):
+        first = state.samples + micro * stage.batch_size
+        pixels, labels = [], []
+        for index in range(first, first + stage.batch_size):
+            image, classes = source.patch_example(index, grid, grid)
+            array = resize_chw(image, [ImageSize(tile, tile)])[0]
+            pixels.append(torch.from_numpy(array.copy()).float() * scale + shift)
+            labels.append(classes.reshape(-1))
+        pixels_t = torch.stack(pixels).to(device)
+        labels_t = torch.stack(labels).to(device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            features = tower(pixels_t, feature_layer=model.vision_feature_layer,
+                             strategy=model.vision_feature_select_strategy)
+            logits = head(features)
+        if logits.shape[1] != labels_t.shape[1]:
+            raise ConfigError(
+                f"stage {stage.name!r}: the vision tower gives {logits.shape[1]} features per tile but the "
+                f"{grid}×{grid} patch grid has {labels_t.shape[1]} labels; patch-labels needs a tower whose selected "
+                "features are exactly its patches"
+            )
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels_t.reshape(-1))
+        (loss / stage.grad_accum).backward()
+        loss_sum += float(loss.detach())
+        patches += labels_t.numel()
+    if stage.max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+    optimizer.step()
+    return StepResult(loss=loss_sum / stage.grad_accum, answer_tokens=patches)
+
+
 def train(config_path: str | Path, *, resume: str | Path | None = None, output: str | Path | None = None,
           progress: bool = True, max_steps: int | None = None) -> Path:
     """Run the training config at ``config_path`` (or resume it from a checkpoint); return the final model folder.
@@ -423,10 +512,13 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
         stage = config.stages[stage_index]
         if stage_index != state.stage:
             state = TrainingState(stage_index, 0, state.samples, state.elapsed_s)
-        groups = configure_components(model, stage)
+        head = patch_label_head(model, source, stage, config.seed) if stage.objective == "patch-labels" else None
+        groups = configure_components(model, stage, head)
         optimizer = torch.optim.AdamW(groups, betas=stage.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, stage=stage: lr_factor(step, stage))
         if saved is not None and saved["stage"] == stage_index:
+            if head is not None:
+                head.load_state_dict(saved["patch_head"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         frozen_vision = stage.settings("vision").freeze
@@ -436,10 +528,13 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
             if max_steps is not None and steps_run >= max_steps:
                 bar.close()
                 return output
-            result = training_step(
-                model, model.processor, source, stage, state, optimizer, seed=config.seed,
-                max_length=config.data.max_length, autocast=autocast, frozen_vision=frozen_vision,
-            )
+            if head is not None:
+                result = patch_label_step(model, source, stage, state, optimizer, head, autocast=autocast)
+            else:
+                result = training_step(
+                    model, model.processor, source, stage, state, optimizer, seed=config.seed,
+                    max_length=config.data.max_length, autocast=autocast, frozen_vision=frozen_vision,
+                )
             scheduler.step()
             state.step += 1
             state.samples += stage.batch_size * stage.grad_accum
@@ -451,7 +546,7 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
                 _log(log_path, stage, state, result, scheduler)
             if (stage.save_every and state.step % stage.save_every == 0) or state.step == stage.steps:
                 save_checkpoint(model, output / "checkpoints" / f"step-{_global_step(config, state):06d}",
-                                state, optimizer, scheduler)
+                                state, optimizer, scheduler, head)
         bar.close()
         saved = None
     model.eval()
@@ -478,7 +573,7 @@ def _check_vocabulary(model) -> None:
 
 def _log(path: Path, stage: StageConfig, state: TrainingState, result: StepResult, scheduler) -> None:
     entry = {
-        "stage": stage.name, "step": state.step, "samples": state.samples, "loss": round(result.loss, 6),
+        "stage": stage.name, "objective": stage.objective, "step": state.step, "samples": state.samples, "loss": round(result.loss, 6),
         "answer_tokens": result.answer_tokens, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(state.elapsed_s, 2),
     }
     with path.open("a", encoding="utf-8") as handle:

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import pytest
+import torch
 
 from llavakit.plugins import synthetic_shapes as shapes
 
@@ -158,3 +159,31 @@ def test_write_dataset_writes_llava_records(tmp_path):
 def test_unknown_form_is_refused():
     with pytest.raises(ValueError, match="unknown question form 'colour'"):
         shapes.ask(SCENES[0], "colour", random.Random(0))
+
+
+def test_patch_labels_name_the_shape_covering_each_patch():
+    square = shapes.PlacedShape("square", "blue", center_x=150, center_y=50, size=100)
+    circle = shapes.PlacedShape("circle", "red", center_x=50, center_y=150, size=60)
+    scene = shapes.Scene(height=200, width=400, background=(240, 240, 240), shapes=(circle, square))
+    labels = scene.patch_labels(4, 8)  # 4 rows of 50 px, 8 columns of 50 px
+    blue_square = shapes.PATCH_CLASSES.index("blue square")
+    red_circle = shapes.patch_class("circle", "red")
+    assert labels.shape == (4, 8) and labels.dtype.kind == "i"
+    expected = torch.zeros(4, 8, dtype=torch.long)
+    expected[0:2, 2:4] = blue_square  # x 100–200, y 0–100: four whole patches
+    expected[2:4, 0:2] = red_circle   # x 20–80, y 120–180: a 60-px disc centred on the corner of 4 patches
+    assert torch.equal(torch.from_numpy(labels), expected)
+    # A shape covering less than min_cover of every patch leaves them background.
+    assert (scene.patch_labels(4, 8, min_cover=0.5) == blue_square).sum() == 4
+    assert (scene.patch_labels(4, 8, min_cover=0.5) == red_circle).sum() == 0
+
+
+def test_patch_labels_follow_the_stretch_of_a_base_tile():
+    scene = shapes.sample_scene(shapes.scene_rng(0, 3))
+    labels = scene.patch_labels(8, 8)
+    for item in scene.shapes:
+        row = int(item.center_y / scene.height * 8)
+        col = int(item.center_x / scene.width * 8)
+        assert labels[row, col] == shapes.patch_class(item.shape, item.color)
+    present = {shapes.PATCH_CLASSES[c] for c in labels.ravel() if c}
+    assert present == {item.phrase for item in scene.shapes}

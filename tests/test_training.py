@@ -188,3 +188,67 @@ def test_train_command(tmp_path, capsys):
     assert f"trained model saved to {tmp_path / 'cli-run' / 'model'}" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "missing.yaml")]) == 1
     assert "config file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ patch-labels stages
+def test_patch_labels_stage_trains_only_the_vision_tower_and_resumes_exactly(tmp_path):
+    stages = [stage(name="vision", objective="patch-labels", steps=3, batch_size=4, lr=3e-3, save_every=1),
+              stage(name="answers", steps=1, components={"vision": {"freeze": True}})]
+    config = tiny_training_config(tmp_path, stages=stages)
+    final = train(config, progress=False)
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [(e["stage"], e["objective"]) for e in log] == [("vision", "patch-labels")] * 3 + [("answers", "answers")]
+    # Per-patch labels: a 28-px tile of 14-px patches has 4 patches per image.
+    assert all(e["answer_tokens"] == 4 * 4 for e in log[:3])
+
+    # After the vision stage only the tower has moved; its head is not part of the saved model.
+    initial = build_from_config(ModelConfig.model_validate(TINY_MODEL), seed=0).state_dict()
+    after_vision = load_file(tmp_path / "run" / "checkpoints" / "step-000003" / "model.safetensors")
+    trained = load_model(tmp_path / "run" / "checkpoints" / "step-000003").state_dict()
+    assert set(trained) == set(initial)
+    for name, tensor in initial.items():
+        moved = not torch.equal(tensor, trained[name])
+        # post_layernorm is not on the path to LLaVA's features, so it gets no gradient.
+        should_move = name.startswith("vision_tower.") and "post_layernorm" not in name
+        assert moved == should_move, f"{name}: moved={moved}"
+    assert set(after_vision) == set(load_file(final / "model.safetensors"))  # the same tensors as any llava-hf save
+    assert "patch_head" in torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "training_state.pt")
+
+    # Resuming inside the stage restores the head too: the same losses follow.
+    resumed = tmp_path / "resumed"
+    train(config, resume=tmp_path / "run" / "checkpoints" / "step-000001", output=resumed, progress=False)
+    again = read_log(resumed / "log.jsonl")
+    assert [e["loss"] for e in again] == [e["loss"] for e in log[1:]]
+    assert torch.equal(load_file(final / "model.safetensors")["vision_tower.vision_model.embeddings.patch_embedding.weight"],
+                       load_file(resumed / "model" / "model.safetensors")["vision_tower.vision_model.embeddings.patch_embedding.weight"])
+
+
+def test_patch_labels_loss_falls_on_a_repeated_batch(tmp_path):
+    from llavakit.registry.training import patch_label_head, patch_label_step
+
+    model = tiny_model_with_processor(tmp_path)
+    settings = StageConfig(name="vision", objective="patch-labels", steps=1, batch_size=8, lr=1e-2)
+    source = SyntheticShapesSource(5)
+    head = patch_label_head(model, source, settings, seed=0)
+    optimizer = torch.optim.AdamW(configure_components(model, settings, head))
+    losses = [patch_label_step(model, source, settings, TrainingState(), optimizer, head, autocast=None).loss
+              for _ in range(40)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"components": {"llm": {"freeze": True}}}, "trains only the vision tower; remove the settings of llm"),
+    ({"components": {"vision": {"freeze": True}}}, "freezes the vision tower it trains"),
+])
+def test_patch_labels_stage_configs_are_checked(tmp_path, fields, message):
+    config = tiny_training_config(tmp_path, stages=[stage(objective="patch-labels", **fields)])
+    with pytest.raises(ConfigError, match=message):
+        read_training_config(config)
+
+
+def test_patch_labels_need_a_source_with_labels(tmp_path):
+    data = synthetic_shapes.write_dataset(tmp_path / "data", 2, seed=3)
+    config = tiny_training_config(tmp_path, data={"source": "llava-json", "path": str(data)},
+                                  stages=[stage(objective="patch-labels")])
+    with pytest.raises(ConfigError, match="LlavaJsonDataset has no per-patch labels"):
+        train(config, progress=False)
