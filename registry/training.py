@@ -81,6 +81,9 @@ class StageConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     components: dict[Component, ComponentSettings] = Field(default_factory=dict)
+    form_weights: dict[Literal["color", "shape", "count", "exists", "describe"], float] | None = Field(
+        default=None, description="synthetic-shapes: this stage's form weights (default: the data section's)"
+    )
     save_every: int | None = Field(default=None, gt=0, description="checkpoint every N steps (and always at the end)")
 
     def settings(self, component: str) -> ComponentSettings:
@@ -512,7 +515,12 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
         stage = config.stages[stage_index]
         if stage_index != state.stage:
             state = TrainingState(stage_index, 0, state.samples, state.elapsed_s)
-        head = patch_label_head(model, source, stage, config.seed) if stage.objective == "patch-labels" else None
+        stage_source = source
+        if stage.form_weights is not None:
+            if config.data.source != "synthetic-shapes":
+                raise ConfigError(f"stage {stage.name!r} sets form_weights, which only the synthetic-shapes source has")
+            stage_source = make_source(config.data.model_copy(update={"form_weights": stage.form_weights}))
+        head = patch_label_head(model, stage_source, stage, config.seed) if stage.objective == "patch-labels" else None
         groups = configure_components(model, stage, head)
         optimizer = torch.optim.AdamW(groups, betas=stage.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, stage=stage: lr_factor(step, stage))
@@ -529,10 +537,10 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
                 bar.close()
                 return output
             if head is not None:
-                result = patch_label_step(model, source, stage, state, optimizer, head, autocast=autocast)
+                result = patch_label_step(model, stage_source, stage, state, optimizer, head, autocast=autocast)
             else:
                 result = training_step(
-                    model, model.processor, source, stage, state, optimizer, seed=config.seed,
+                    model, model.processor, stage_source, stage, state, optimizer, seed=config.seed,
                     max_length=config.data.max_length, autocast=autocast, frozen_vision=frozen_vision,
                 )
             scheduler.step()

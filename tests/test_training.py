@@ -252,3 +252,23 @@ def test_patch_labels_need_a_source_with_labels(tmp_path):
                                   stages=[stage(objective="patch-labels")])
     with pytest.raises(ConfigError, match="LlavaJsonDataset has no per-patch labels"):
         train(config, progress=False)
+
+
+def test_a_stage_can_reweight_the_question_forms(tmp_path, monkeypatch):
+    from llavakit.registry import datasets
+
+    seen = []
+    original = datasets.SyntheticShapesSource.example
+    monkeypatch.setattr(datasets.SyntheticShapesSource, "example",
+                        lambda self, index: seen.append(dict(self.form_weights)) or original(self, index))
+    stages = [stage(name="a", steps=1), stage(name="b", steps=1, form_weights={"count": 5.0})]
+    train(tiny_training_config(tmp_path, stages=stages), progress=False)
+    assert seen == [{}, {}, {"count": 5.0}, {"count": 5.0}]
+
+
+def test_stage_form_weights_need_the_synthetic_source(tmp_path):
+    data = synthetic_shapes.write_dataset(tmp_path / "data", 2, seed=3)
+    config = tiny_training_config(tmp_path, data={"source": "llava-json", "path": str(data)},
+                                  stages=[stage(form_weights={"count": 2.0})])
+    with pytest.raises(ConfigError, match="only the synthetic-shapes source has"):
+        train(config, progress=False)
