@@ -8,6 +8,8 @@ those checkpoints load with a prefix change only.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from importlib import resources
@@ -284,6 +286,12 @@ class Projection:
             self.weights = weights
             return
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if packing == "numba":
+            from llavakit.core.gemv import gemv
+
+            self.gemv = gemv
+            self.matrix = weight.detach().contiguous().numpy()
+            return
         if packing == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch_size)
             # The op falls back to its plain-weight argument only for another batch size, which never runs here.
@@ -295,7 +303,9 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.packing is None:
             return tuple(F.linear(x, w) for w in self.weights)
-        if self.packing == "mkl":
+        if self.packing == "numba":
+            y = self.gemv(self.matrix, x)
+        elif self.packing == "mkl":
             y = torch.ops.mkl._mkl_linear(x, self.packed, self.unused_plain, None, self.batch_size)
         else:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
@@ -342,10 +352,14 @@ def parameter_fingerprint(module: nn.Module) -> tuple:
 
 
 def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
-    """``"mkl"``, ``"onednn"`` or ``None``: the fastest packing this CPU offers for the dtype and batch size."""
+    """``"numba"``, ``"mkl"``, ``"onednn"`` or ``None``: the fastest path this CPU offers for the dtype and batch
+    size. Batch 1 in float32 goes to :mod:`llavakit.core.gemv` (about twice MKL's weight bandwidth) when numba
+    is installed."""
     weight = decoder.lm_head.weight
     if not decoder.pack_decode_weights or weight.device.type != "cpu":
         return None
+    if batch_size == 1 and weight.dtype == torch.float32 and _has_numba():
+        return "numba"
     mkl = weight.dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     onednn = torch.backends.mkldnn.is_available() and (
         weight.dtype == torch.float32
@@ -355,6 +369,11 @@ def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
     if mkl and (batch_size == 1 or not onednn):
         return "mkl"
     return "onednn" if onednn else None
+
+
+@functools.cache
+def _has_numba() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 def packed_copies_fit(decoder: LlamaDecoder) -> bool:

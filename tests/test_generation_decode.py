@@ -56,7 +56,7 @@ def step_both_ways(llm, batch: int, padded: bool, length: int = 12):
 
 
 @pytest.mark.parametrize("dtype, batch, expected_packing", [
-    (torch.float32, 1, "mkl"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "onednn"), (torch.bfloat16, 3, "onednn"),
+    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "onednn"), (torch.bfloat16, 3, "onednn"),
 ])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padded):
@@ -99,3 +99,15 @@ def test_with_gradients_the_step_is_the_differentiable_forward():
     logits.sum().backward()
     assert llm.layers[0].self_attn.q_proj.weight.grad is not None
     assert getattr(llm, "_decode_weights", None) is None
+
+
+@pytest.mark.parametrize("rows, inner", [(1, 7), (63, 64), (65, 33), (1000, 512), (130, 1408)])
+def test_numba_gemv_matches_f_linear(rows, inner):
+    from llavakit.core.gemv import gemv
+
+    generator = torch.Generator().manual_seed(rows * inner)
+    weight = torch.randn(rows, inner, generator=generator)
+    x = torch.randn(1, inner, generator=generator)
+    out = gemv(weight.numpy(), x)
+    assert out.shape == (1, rows) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-5)
