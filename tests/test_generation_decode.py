@@ -56,7 +56,7 @@ def step_both_ways(llm, batch: int, padded: bool, length: int = 12):
 
 
 @pytest.mark.parametrize("dtype, batch, expected_packing", [
-    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "onednn"), (torch.bfloat16, 3, "onednn"),
+    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "numba"), (torch.bfloat16, 3, "onednn"),
 ])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padded):
@@ -103,11 +103,24 @@ def test_with_gradients_the_step_is_the_differentiable_forward():
 
 @pytest.mark.parametrize("rows, inner", [(1, 7), (63, 64), (65, 33), (1000, 512), (130, 1408)])
 def test_numba_gemv_matches_f_linear(rows, inner):
-    from llavakit.core.gemv import gemv
+    from llavakit.core.gemv import as_matrix, gemv
 
     generator = torch.Generator().manual_seed(rows * inner)
     weight = torch.randn(rows, inner, generator=generator)
     x = torch.randn(1, inner, generator=generator)
-    out = gemv(weight.numpy(), x)
+    out = gemv(as_matrix(weight), x)
     assert out.shape == (1, rows) and out.dtype == torch.float32
     assert torch.allclose(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-5)
+    # bf16 weights and activations: fp32 accumulation of the exact bf16 values, rounded to bf16 once.
+    weight16, x16 = weight.bfloat16(), x.bfloat16()
+    out16 = gemv(as_matrix(weight16), x16)
+    reference = torch.nn.functional.linear(x16.float(), weight16.float())
+    assert out16.dtype == torch.bfloat16
+    assert torch.allclose(out16.float(), reference, atol=1e-3, rtol=8e-3)
+
+
+def test_numba_gemv_refuses_other_dtypes():
+    from llavakit.core.gemv import as_matrix
+
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        as_matrix(torch.zeros(2, 2, dtype=torch.float16))
