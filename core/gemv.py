@@ -25,26 +25,13 @@ import torch
 from llvmlite import ir
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 #: Rows per parallel work item: small enough to balance two cores on a 512-row matrix, large enough that
 #: scheduling costs nothing next to the row loads.
 ROW_BLOCK = 64
 # numba's default threading layer (workqueue) must not be entered from two threads at once.
 _launch = threading.Lock()
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv(weight, x, out):  # pragma: no cover - compiled
-    rows, inner = weight.shape
-    blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
-    for block in prange(blocks):
-        stop = min(rows, (block + 1) * ROW_BLOCK)
-        for row in range(block * ROW_BLOCK, stop):
-            acc = np.float32(0.0)
-            for j in range(inner):
-                acc += weight[row, j] * x[j]
-            out[row] = acc
 
 
 @intrinsic
@@ -57,8 +44,20 @@ def _bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
     return types.float32(types.uint32), codegen
 
 
+def _widen(value):  # pragma: no cover - replaced by the overload below inside compiled code
+    raise NotImplementedError
+
+
+@overload(_widen)
+def _widen_for(value):
+    """A weight element as float32: itself, or (a bf16 stored as its 16-bit word) the top half of a float32."""
+    if value == types.uint16:
+        return lambda value: _bits_to_float32(np.uint32(value) << np.uint32(16))
+    return lambda value: value
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_bf16(weight, x, out):  # pragma: no cover - compiled
+def _gemv(weight, x, out):  # pragma: no cover - compiled (one specialisation per weight dtype)
     rows, inner = weight.shape
     blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     for block in prange(blocks):
@@ -66,7 +65,7 @@ def _gemv_bf16(weight, x, out):  # pragma: no cover - compiled
         for row in range(block * ROW_BLOCK, stop):
             acc = np.float32(0.0)
             for j in range(inner):
-                acc += _bits_to_float32(np.uint32(weight[row, j]) << np.uint32(16)) * x[j]
+                acc += _widen(weight[row, j]) * x[j]
             out[row] = acc
 
 
@@ -86,8 +85,7 @@ def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     most numba's)."""
     out = torch.empty((1, matrix.shape[0]), dtype=torch.float32)
     vector = x.reshape(-1).to(torch.float32).contiguous().numpy()
-    kernel = _gemv_bf16 if matrix.dtype == np.uint16 else _gemv
     with _launch:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
-        kernel(matrix, vector, out.numpy()[0])
+        _gemv(matrix, vector, out.numpy()[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
