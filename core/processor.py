@@ -267,6 +267,11 @@ class Processor:
         sizes = torch.tensor([list(size) for size, _ in results], dtype=torch.long).view(-1, 2)
         return pixel_values, sizes
 
+    def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles ``[..., 3, H, W]`` as the float32 pixel values the model reads: rescaled, then normalised
+        with the vision encoder's mean and std (what :meth:`__call__` does to every tile)."""
+        return tiles.float() * self._scale + self._shift
+
     def _check_tiles(self, tiles: Sequence[torch.Tensor]) -> None:
         size = self.tile_size
         for index, image_tiles in enumerate(tiles):

@@ -96,13 +96,7 @@ class Scene:
         draw = ImageDraw.Draw(image)
         for item in self.shapes:
             left, top, right, bottom = item.box
-            fill = COLORS[item.color]
-            if item.shape == "circle":
-                draw.ellipse((left, top, right - 1, bottom - 1), fill=fill)
-            elif item.shape == "square":
-                draw.rectangle((left, top, right - 1, bottom - 1), fill=fill)
-            else:
-                draw.polygon([((left + right) / 2, top), (right - 1, bottom - 1), (left, bottom - 1)], fill=fill)
+            _draw_shape(draw, item.shape, (left, top, right - 1, bottom - 1), (left + right) / 2, COLORS[item.color])
         return image
 
     def patch_labels(self, rows: int, cols: int, *, min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
@@ -121,12 +115,7 @@ class Scene:
         for index, item in enumerate(self.shapes, start=1):
             left, top, right, bottom = item.box
             box = (left * scale_x, top * scale_y, right * scale_x - 1, bottom * scale_y - 1)
-            if item.shape == "circle":
-                draw.ellipse(box, fill=index)
-            elif item.shape == "square":
-                draw.rectangle(box, fill=index)
-            else:
-                draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=index)
+            _draw_shape(draw, item.shape, box, (box[0] + box[2]) / 2, index)
         objects = np.asarray(label_map, dtype=np.int64).reshape(rows, oversample, cols, oversample)
         objects = objects.transpose(0, 2, 1, 3).reshape(rows, cols, oversample * oversample)
         cover = np.stack([(objects == k).mean(-1) for k in range(len(self.shapes) + 1)])  # [1 + n, rows, cols]
@@ -134,6 +123,18 @@ class Scene:
         winner = cover.argmax(0)
         classes = np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
         return classes[winner]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], apex_x: float,
+                fill) -> None:
+    """Draw ``shape`` filling ``box`` (inclusive corners); a triangle points up, its apex at ``apex_x``."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(apex_x, top), (right, bottom), (left, bottom)], fill=fill)
 
 
 @dataclass(frozen=True)

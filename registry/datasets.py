@@ -201,9 +201,13 @@ class SyntheticShapesSource:
         self.form_weights = dict(form_weights or {})
         self._task = synthetic_shapes
 
-    def _conversation(self, index: int):
+    def _scene(self, index: int):
+        """Scene ``index`` and the random stream its questions continue from."""
         rng = self._task.scene_rng(self.seed, index)
-        scene = self._task.sample_scene(rng)
+        return self._task.sample_scene(rng), rng
+
+    def _conversation(self, index: int):
+        scene, rng = self._scene(index)
         return scene, self._task.training_conversation(scene, rng, self.max_turns, self.form_weights)
 
     @staticmethod
@@ -230,7 +234,7 @@ class SyntheticShapesSource:
     def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor]:
         """Scene ``index`` (the same scene :meth:`example` gives) and its per-patch classes on a ``rows`` ×
         ``cols`` grid of the whole image stretched to one tile: the labels of a ``patch-labels`` training stage."""
-        scene = self._task.sample_scene(self._task.scene_rng(self.seed, index))
+        scene, _ = self._scene(index)
         return scene.render(), torch.from_numpy(scene.patch_labels(rows, cols))
 
 

@@ -431,9 +431,6 @@ def patch_label_step(model, source, stage: StageConfig, state: TrainingState, op
     tower = model.vision_tower
     tile = int(tower.image_size)
     grid = tile // int(tower.patch_size)
-    processor = model.processor
-    scale = torch.tensor([processor.rescale_factor / s for s in processor.image_std]).view(3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(processor.image_mean, processor.image_std)]).view(3, 1, 1)
     device = model.device
     optimizer.zero_grad(set_to_none=True)
     loss_sum, patches = 0.0, 0
@@ -442,10 +439,9 @@ def patch_label_step(model, source, stage: StageConfig, state: TrainingState, op
         pixels, labels = [], []
         for index in range(first, first + stage.batch_size):
             image, classes = source.patch_example(index, grid, grid)
-            array = resize_chw(image, [ImageSize(tile, tile)])[0]
-            pixels.append(torch.from_numpy(array.copy()).float() * scale + shift)
+            pixels.append(torch.from_numpy(resize_chw(image, [ImageSize(tile, tile)])[0].copy()))
             labels.append(classes.reshape(-1))
-        pixels_t = torch.stack(pixels).to(device)
+        pixels_t = model.processor.normalize(torch.stack(pixels)).to(device)
         labels_t = torch.stack(labels).to(device)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             features = tower(pixels_t, feature_layer=model.vision_feature_layer,
