@@ -55,6 +55,18 @@ MIN_HORIZONTAL_GAP = 1.0
 MAX_SHAPES = 4
 #: Classes of the per-patch labels (:meth:`Scene.patch_labels`): 0 is background, then one per (colour, shape).
 PATCH_CLASSES: tuple[str, ...] = ("background",) + tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+#: The two factors of a patch class, each with its own background label: what a factored patch head predicts.
+PATCH_FACTORS: dict[str, tuple[str, ...]] = {"shape": ("background", *SHAPES), "color": ("background", *COLORS)}
+
+
+def patch_factor_labels(factor: str) -> tuple[int, ...]:
+    """For each of :data:`PATCH_CLASSES`, its label in ``factor`` (an index into ``PATCH_FACTORS[factor]``)."""
+    names = PATCH_FACTORS[factor]
+    labels = [0]
+    for name in PATCH_CLASSES[1:]:
+        color, shape = name.split(" ")
+        labels.append(names.index(shape if factor == "shape" else color))
+    return tuple(labels)
 
 
 def patch_class(shape: str, color: str) -> int:
@@ -197,11 +209,12 @@ def describe(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | None = None) -> QuestionAnswer | None:
+def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | None = None,
+        balanced_negatives: bool = False) -> QuestionAnswer | None:
     """One question of ``form`` about ``scene``, or ``None`` if the scene has no valid question of that form.
 
     ``exists_answer`` forces the truth of an ``exists`` question (evaluation sets alternate it for an exact
-    half/half split); by default it is a coin flip.
+    half/half split); by default it is a coin flip. ``balanced_negatives``: see :func:`_absent_pair`.
     """
     if form == "color":
         unique = [s for s in scene.shapes if sum(o.shape == s.shape for o in scene.shapes) == 1]
@@ -223,20 +236,31 @@ def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | No
             item = rng.choice(scene.shapes)
             shape, color = item.shape, item.color
         else:
-            shape, color = _absent_pair(scene, rng)
+            shape, color = _absent_pair(scene, rng, balanced=balanced_negatives)
         return QuestionAnswer(form, f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No.")
     if form == "describe":
         return QuestionAnswer(form, "Describe the image.", describe(scene))
     raise ValueError(f"unknown question form {form!r}; use one of {', '.join(FORMS)}")
 
 
-def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _absent_pair(scene: Scene, rng: random.Random, *, balanced: bool = False) -> tuple[str, str]:
     """A (shape, colour) not in the scene; mostly a near miss sharing the shape or the colour of a present one,
-    so answering needs the binding of colour to shape, not just either alone."""
+    so answering needs the binding of colour to shape, not just either alone.
+
+    Drawn uniformly, a near miss mostly shares a shape (a present shape has 5 other colours, a present colour
+    only 2 other shapes), so checking the colour alone answers most of them, and a model learns exactly that.
+    ``balanced`` (for training) first picks which of the two a near miss shares, each half the time.
+    """
     present = {(s.shape, s.color) for s in scene.shapes}
     absent = [(shape, color) for shape in SHAPES for color in COLORS if (shape, color) not in present]
     near = [p for p in absent if any(p[0] == s.shape or p[1] == s.color for s in scene.shapes)]
-    return rng.choice(near if near and rng.random() < 0.75 else absent)
+    if not near or rng.random() >= 0.75:
+        return rng.choice(absent)
+    if balanced:
+        same_color = [p for p in near if any(p[1] == s.color for s in scene.shapes)]
+        same_shape = [p for p in near if any(p[0] == s.shape for s in scene.shapes)]
+        return rng.choice(rng.choice([group for group in (same_color, same_shape) if group]))
+    return rng.choice(near)
 
 
 def scene_rng(seed: int, index: int) -> random.Random:
@@ -245,11 +269,13 @@ def scene_rng(seed: int, index: int) -> random.Random:
 
 
 def training_conversation(
-    scene: Scene, rng: random.Random, max_turns: int | None = None, weights: dict[str, float] | None = None
+    scene: Scene, rng: random.Random, max_turns: int | None = None, weights: dict[str, float] | None = None,
+    *, balanced_negatives: bool = False,
 ) -> list[QuestionAnswer]:
     """Every form that applies to ``scene`` (or the first ``max_turns`` of them), in a random order: one
     multi-turn conversation per image. ``weights`` (default 1 per form) make a form come earlier in
-    proportion to its weight, so with ``max_turns=1`` it is asked that much more often."""
+    proportion to its weight, so with ``max_turns=1`` it is asked that much more often.
+    ``balanced_negatives``: see :func:`_absent_pair`."""
     weights = weights or {}
     # Weighted random order (Efraimidis-Spirakis): sort by u ** (1 / weight), largest first.
     keys = {form: rng.random() ** (1 / weights.get(form, 1.0)) for form in FORMS}
@@ -258,7 +284,7 @@ def training_conversation(
     for form in forms:
         if max_turns is not None and len(turns) == max_turns:
             break
-        qa = ask(scene, form, rng)
+        qa = ask(scene, form, rng, balanced_negatives=balanced_negatives)
         if qa is not None:
             turns.append(qa)
     return turns

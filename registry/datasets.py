@@ -193,12 +193,14 @@ class SyntheticShapesSource:
 
     size = None
 
-    def __init__(self, seed: int = 0, max_turns: int | None = None, form_weights: dict[str, float] | None = None):
+    def __init__(self, seed: int = 0, max_turns: int | None = None, form_weights: dict[str, float] | None = None,
+                 balanced_negatives: bool = False):
         from llavakit.plugins import synthetic_shapes
 
         self.seed = seed
         self.max_turns = max_turns
         self.form_weights = dict(form_weights or {})
+        self.balanced_negatives = balanced_negatives
         self._task = synthetic_shapes
 
     def _scene(self, index: int):
@@ -208,7 +210,8 @@ class SyntheticShapesSource:
 
     def _conversation(self, index: int):
         scene, rng = self._scene(index)
-        return scene, self._task.training_conversation(scene, rng, self.max_turns, self.form_weights)
+        return scene, self._task.training_conversation(scene, rng, self.max_turns, self.form_weights,
+                                                        balanced_negatives=self.balanced_negatives)
 
     @staticmethod
     def _messages(turns) -> list[dict[str, str]]:
@@ -230,6 +233,11 @@ class SyntheticShapesSource:
     def patch_classes(self) -> tuple[str, ...]:
         """Names of the per-patch classes :meth:`patch_example` labels with (0 is background)."""
         return self._task.PATCH_CLASSES
+
+    @property
+    def patch_factors(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        """Each factor of the patch classes (shape, colour): its label names and every class's label in it."""
+        return {name: (names, self._task.patch_factor_labels(name)) for name, names in self._task.PATCH_FACTORS.items()}
 
     def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor]:
         """Scene ``index`` (the same scene :meth:`example` gives) and its per-patch classes on a ``rows`` ×

@@ -29,14 +29,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llavakit.core.chat import ChatTemplate
 from llavakit.core.config import ModelConfig
@@ -85,12 +87,20 @@ class StageConfig(BaseModel):
         default=None, description="synthetic-shapes: this stage's form weights (default: the data section's)"
     )
     save_every: int | None = Field(default=None, gt=0, description="checkpoint every N steps (and always at the end)")
+    patch_head: Literal["joint", "factored"] = Field(
+        default="joint",
+        description="patch-labels: one softmax over the source's patch classes (joint), or one per factor of them "
+        "(factored: for synthetic shapes, shape and colour separately, which gives the features one direction per "
+        "shape shared by every colour)",
+    )
 
     def settings(self, component: str) -> ComponentSettings:
         return self.components.get(component, ComponentSettings())  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _something_trains(self) -> StageConfig:
+        if self.objective != "patch-labels" and self.patch_head != "joint":
+            raise ValueError(f"stage {self.name!r} sets patch_head, which only objective patch-labels uses")
         if self.objective == "patch-labels":
             others = sorted(set(self.components) - {"vision"})
             if others:
@@ -115,9 +125,19 @@ class DataConfig(BaseModel):
     form_weights: dict[Literal["color", "shape", "count", "exists", "describe"], float] = Field(
         default_factory=dict, description="synthetic-shapes: how often each question form comes first (default 1 each)"
     )
+    balanced_negatives: bool = Field(
+        default=False,
+        description="synthetic-shapes: false 'Is there a …?' questions that share a present colour as often as a "
+        "present shape (by default most share the shape, so the colour alone answers them)",
+    )
     path: str | None = Field(default=None, description="llava-json: the JSON or JSONL file")
     image_folder: str | None = Field(default=None, description="llava-json: images are relative to it")
     max_length: int | None = Field(default=None, gt=0, description="refuse longer examples (tokens, images included)")
+    workers: int = Field(
+        default=0, ge=0,
+        description="threads that render and encode the next steps' batches while the current step computes "
+        "(0: the training thread does it between steps)",
+    )
 
     @model_validator(mode="after")
     def _path_for_json(self) -> DataConfig:
@@ -151,9 +171,19 @@ class TrainingConfig(BaseModel):
     output: str = Field(description="run folder, relative to the working directory")
     seed: int = 0
     threads: int | None = Field(default=None, gt=0, description="torch CPU threads (default: torch's choice)")
+    device: str = Field(default="cpu", description="where the model trains: cpu, cuda, cuda:1, …")
     autocast: Literal["auto", "bfloat16", "none"] = "auto"
     log_every: int = Field(default=10, gt=0)
     stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        try:
+            torch.device(value)
+        except RuntimeError as error:
+            raise ValueError(f"device {value!r} is not a torch device ({error}); use cpu, cuda or cuda:N") from None
+        return value
 
     @model_validator(mode="after")
     def _model_source(self) -> TrainingConfig:
@@ -203,7 +233,8 @@ def make_source(data: DataConfig):
     from llavakit.registry.datasets import LlavaJsonDataset, SyntheticShapesSource
 
     if data.source == "synthetic-shapes":
-        return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns, form_weights=data.form_weights)
+        return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns, form_weights=data.form_weights,
+                                     balanced_negatives=data.balanced_negatives)
     return LlavaJsonDataset(data.path, data.image_folder)
 
 
@@ -372,19 +403,25 @@ class StepResult:
     answer_tokens: int
 
 
-def training_step(model, processor, source, stage: StageConfig, state: TrainingState, optimizer, *,
-                  seed: int, max_length: int | None, autocast: torch.dtype | None, frozen_vision: bool) -> StepResult:
-    """One optimizer step over ``grad_accum`` micro-batches; the loss is the mean over all their answer tokens."""
+def answer_batches(processor, source, stage: StageConfig, first_sample: int, *, seed: int,
+                   max_length: int | None) -> list[dict[str, torch.Tensor]]:
+    """The ``grad_accum`` collated micro-batches of the optimizer step that starts at sample ``first_sample``
+    (on the CPU; a pure function of its arguments, so it can be built ahead on a worker thread)."""
     from llavakit.registry.datasets import collate, encode_example
 
-    device = model.device
     pad_id = processor.tokenizer.pad_token_id
     micro_batches = []
     for micro in range(stage.grad_accum):
-        first = state.samples + micro * stage.batch_size
-        indices = example_indices(source, first, stage.batch_size, seed)
+        indices = example_indices(source, first_sample + micro * stage.batch_size, stage.batch_size, seed)
         encoded = [encode_example(processor, source.example(i), max_length=max_length) for i in indices]
         micro_batches.append(collate(encoded, pad_id))
+    return micro_batches
+
+
+def training_step(model, micro_batches: list[dict[str, torch.Tensor]], stage: StageConfig, optimizer, *,
+                  autocast: torch.dtype | None, frozen_vision: bool) -> StepResult:
+    """One optimizer step over ``micro_batches``; the loss is the mean over all their answer tokens."""
+    device = model.device
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
     total = sum(counts)
     optimizer.zero_grad(set_to_none=True)
@@ -396,72 +433,138 @@ def training_step(model, processor, source, stage: StageConfig, state: TrainingS
                 loss = model(**batch).loss
             (loss * (count / total)).backward()
             loss_sum += float(loss.detach()) * count
-    if stage.max_grad_norm is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-    optimizer.step()
+    _clip_and_step(optimizer, stage)
     return StepResult(loss=loss_sum / total, answer_tokens=total)
 
 
-def patch_label_head(model, source, stage: StageConfig, seed: int) -> torch.nn.Linear:
-    """The linear head of a ``patch-labels`` stage: vision features → the source's patch classes (seeded)."""
+class PatchHead(torch.nn.Linear):
+    """The linear head of a ``patch-labels`` stage: vision features → logits of one or more label factors.
+
+    ``factors`` maps each factor's name to a lookup from patch class to that factor's label: a joint head has
+    one factor (the classes themselves); a factored one has several (shape and colour), each with its own
+    softmax, so a shape must be one direction of the features whatever its colour. The loss sums the factors'
+    cross-entropies. It stays an ``nn.Linear`` so its state dict is just ``weight`` and ``bias``.
+    """
+
+    def __init__(self, in_features: int, factors: dict[str, tuple[int, list[int]]]):
+        super().__init__(in_features, sum(size for size, _ in factors.values()))
+        self.factor_sizes = [size for size, _ in factors.values()]
+        for index, (_, lookup) in enumerate(factors.values()):
+            self.register_buffer(f"lookup_{index}", torch.tensor(lookup, dtype=torch.long), persistent=False)
+
+    def loss(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        logits = self(features).float().reshape(-1, self.out_features)
+        classes = classes.reshape(-1)
+        total = logits.new_zeros(())
+        for index, factor_logits in enumerate(logits.split(self.factor_sizes, dim=-1)):
+            total = total + torch.nn.functional.cross_entropy(factor_logits, getattr(self, f"lookup_{index}")[classes])
+        return total
+
+
+def patch_label_head(model, source, stage: StageConfig, seed: int) -> PatchHead:
+    """The head of a ``patch-labels`` stage (seeded), joint or factored per ``stage.patch_head``."""
     classes = getattr(source, "patch_classes", None)
     if classes is None or not hasattr(source, "patch_example"):
         raise ConfigError(
             f"stage {stage.name!r} has objective patch-labels, but the data source {type(source).__name__} has no "
             "per-patch labels; use data source synthetic-shapes for this stage, or objective answers"
         )
+    if stage.patch_head == "factored":
+        factors = {name: (len(names), list(lookup)) for name, (names, lookup) in source.patch_factors.items()}
+    else:
+        factors = {"class": (len(classes), list(range(len(classes))))}
     tower = model.vision_tower
     generator = torch.Generator().manual_seed(seed + 7919)
-    head = torch.nn.Linear(tower.hidden_size, len(classes))
+    head = PatchHead(tower.hidden_size, factors)
     with torch.no_grad():
         head.weight.normal_(0.0, 0.02, generator=generator)
         head.bias.zero_()
     return head.to(model.device)
 
 
-def patch_label_step(model, source, stage: StageConfig, state: TrainingState, optimizer, head: torch.nn.Module, *,
-                     autocast: torch.dtype | None) -> StepResult:
-    """One optimizer step of a ``patch-labels`` stage: each image is stretched onto one tile exactly as the
-    processor makes an AnyRes base tile, and the tower's features at the model's feature layer (class token
-    dropped as the model drops it) are classified patch by patch; the loss is the mean over patches."""
+def patch_batches(model, source, stage: StageConfig, first_sample: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``grad_accum`` (pixels, patch classes) micro-batches of the ``patch-labels`` step at ``first_sample``:
+    each image stretched onto one tile exactly as the processor makes an AnyRes base tile, normalised as the
+    processor normalises (on the CPU; safe to build ahead on a worker thread)."""
     from llavakit.core.images import resize_chw
     from llavakit.core.types import ImageSize
 
     tower = model.vision_tower
     tile = int(tower.image_size)
     grid = tile // int(tower.patch_size)
-    device = model.device
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum, patches = 0.0, 0
+    micro_batches = []
     for micro in range(stage.grad_accum):
-        first = state.samples + micro * stage.batch_size
+        first = first_sample + micro * stage.batch_size
         pixels, labels = [], []
         for index in range(first, first + stage.batch_size):
             image, classes = source.patch_example(index, grid, grid)
             pixels.append(torch.from_numpy(resize_chw(image, [ImageSize(tile, tile)])[0].copy()))
             labels.append(classes.reshape(-1))
-        pixels_t = model.processor.normalize(torch.stack(pixels)).to(device)
-        labels_t = torch.stack(labels).to(device)
+        micro_batches.append((model.processor.normalize(torch.stack(pixels)), torch.stack(labels)))
+    return micro_batches
+
+
+def patch_label_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], stage: StageConfig, optimizer,
+                     head: PatchHead, *, autocast: torch.dtype | None) -> StepResult:
+    """One optimizer step of a ``patch-labels`` stage: the tower's features at the model's feature layer (class
+    token dropped as the model drops it) are classified patch by patch; the loss is the mean over patches."""
+    device = model.device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, patches = 0.0, 0
+    for pixels, labels in micro_batches:
+        pixels, labels = pixels.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            features = tower(pixels_t, feature_layer=model.vision_feature_layer,
-                             strategy=model.vision_feature_select_strategy)
-            logits = head(features)
-        if logits.shape[1] != labels_t.shape[1]:
+            features = model.vision_tower(pixels, feature_layer=model.vision_feature_layer,
+                                          strategy=model.vision_feature_select_strategy)
+        if features.shape[1] != labels.shape[1]:
+            side = int(model.vision_tower.image_size) // int(model.vision_tower.patch_size)
             raise ConfigError(
-                f"stage {stage.name!r}: the vision tower gives {logits.shape[1]} features per tile but the "
-                f"{grid}×{grid} patch grid has {labels_t.shape[1]} labels; patch-labels needs a tower whose selected "
+                f"stage {stage.name!r}: the vision tower gives {features.shape[1]} features per tile but the "
+                f"{side}×{side} patch grid has {labels.shape[1]} labels; patch-labels needs a tower whose selected "
                 "features are exactly its patches"
             )
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels_t.reshape(-1))
+        loss = head.loss(features, labels)
         (loss / stage.grad_accum).backward()
         loss_sum += float(loss.detach())
-        patches += labels_t.numel()
+        patches += labels.numel()
+    _clip_and_step(optimizer, stage)
+    return StepResult(loss=loss_sum / stage.grad_accum, answer_tokens=patches)
+
+
+def _clip_and_step(optimizer, stage: StageConfig) -> None:
     if stage.max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
     optimizer.step()
-    return StepResult(loss=loss_sum / stage.grad_accum, answer_tokens=patches)
+
+
+class Prefetcher:
+    """Builds the batches of upcoming steps on ``workers`` threads while the current step computes.
+
+    Rendering, resizing and tokenising release the GIL (PIL, the numba kernels, the Rust tokenizer), so the
+    threads overlap the step. A batch is a pure function of its first sample, so prefetching changes no value:
+    a run with workers computes exactly what a run without them does. With 0 workers it builds inline.
+    """
+
+    def __init__(self, make: Callable[[int], Any], workers: int):
+        self.make = make
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="llavakit-data") if workers else None
+        self.depth = workers + 1
+        self.pending: dict[int, Future] = {}
+
+    def get(self, first_sample: int, upcoming: list[int]) -> Any:
+        """The batch at ``first_sample``; queue the batches at ``upcoming`` sample offsets (at most ``workers + 1``)."""
+        if self.pool is None:
+            return self.make(first_sample)
+        for offset in [first_sample, *upcoming][: self.depth]:
+            if offset not in self.pending:
+                self.pending[offset] = self.pool.submit(self.make, offset)
+        return self.pending.pop(first_sample).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pending.clear()
 
 
 def train(config_path: str | Path, *, resume: str | Path | None = None, output: str | Path | None = None,
@@ -489,15 +592,16 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
     if resume is not None:
         resume = Path(resume)
         saved = read_state(resume)
-        model = load_model(resume)
+        model = load_model(resume, device=config.device)
         tokenizer_folder = resume
         state = TrainingState(saved["stage"], saved["step"], saved["samples"], saved["elapsed_s"])
     else:
         tokenizer_folder = prepare_tokenizer(config, template, source, output)
         if config.model is not None:
-            model = build_from_config(config.model, dtype=resolve_dtype(config.model.dtype), seed=config.seed)
+            model = build_from_config(config.model, dtype=resolve_dtype(config.model.dtype), seed=config.seed,
+                                      device=config.device)
         else:
-            model = load_model(config.init)
+            model = load_model(config.init, device=config.device)
         state = TrainingState()
     model.processor = processor_for_model(model, tokenizer_folder, chat_template=template)
     _check_vocabulary(model)
@@ -526,31 +630,41 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         frozen_vision = stage.settings("vision").freeze
+        if head is not None:
+            make = partial(patch_batches, model, stage_source, stage)
+        else:
+            make = partial(answer_batches, model.processor, stage_source, stage, seed=config.seed,
+                           max_length=config.data.max_length)
+        per_step = stage.batch_size * stage.grad_accum
+        prefetch = Prefetcher(make, config.data.workers)
         model.train()
         bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.name}", disable=not progress, unit="step")
-        while state.step < stage.steps:
-            if max_steps is not None and steps_run >= max_steps:
-                bar.close()
-                return output
-            if head is not None:
-                result = patch_label_step(model, stage_source, stage, state, optimizer, head, autocast=autocast)
-            else:
-                result = training_step(
-                    model, model.processor, stage_source, stage, state, optimizer, seed=config.seed,
-                    max_length=config.data.max_length, autocast=autocast, frozen_vision=frozen_vision,
-                )
-            scheduler.step()
-            state.step += 1
-            state.samples += stage.batch_size * stage.grad_accum
-            state.elapsed_s = time.perf_counter() - started
-            steps_run += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if state.step % config.log_every == 0 or state.step == stage.steps or state.step == 1:
-                _log(log_path, stage, state, result, scheduler)
-            if (stage.save_every and state.step % stage.save_every == 0) or state.step == stage.steps:
-                save_checkpoint(model, output / "checkpoints" / f"step-{_global_step(config, state):06d}",
-                                state, optimizer, scheduler, head)
+        try:
+            while state.step < stage.steps:
+                if max_steps is not None and steps_run >= max_steps:
+                    bar.close()
+                    return output
+                upcoming = [state.samples + k * per_step for k in range(1, stage.steps - state.step)]
+                batches = prefetch.get(state.samples, upcoming[: config.data.workers])
+                if head is not None:
+                    result = patch_label_step(model, batches, stage, optimizer, head, autocast=autocast)
+                else:
+                    result = training_step(model, batches, stage, optimizer, autocast=autocast,
+                                           frozen_vision=frozen_vision)
+                scheduler.step()
+                state.step += 1
+                state.samples += per_step
+                state.elapsed_s = time.perf_counter() - started
+                steps_run += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if state.step % config.log_every == 0 or state.step == stage.steps or state.step == 1:
+                    _log(log_path, stage, state, result, scheduler)
+                if (stage.save_every and state.step % stage.save_every == 0) or state.step == stage.steps:
+                    save_checkpoint(model, output / "checkpoints" / f"step-{_global_step(config, state):06d}",
+                                    state, optimizer, scheduler, head)
+        finally:
+            prefetch.close()
         bar.close()
         saved = None
     model.eval()

@@ -87,6 +87,29 @@ def test_answers_are_true_to_the_scene():
                 assert qa.answer == expected[0].upper() + expected[1:] + "."
 
 
+def _negatives(balanced: bool) -> Counter:
+    """How often false exists questions share a present colour / a present shape, over the test scenes."""
+    rng = random.Random(1)
+    shares = Counter()
+    for scene in SCENES:
+        qa = shapes.ask(scene, "exists", rng, exists_answer=False, balanced_negatives=balanced)
+        assert qa.answer == "No."
+        color, shape = qa.question.removeprefix("Is there ").removesuffix("?").split()[-2:]
+        assert all((s.color, s.shape) != (color, shape) for s in scene.shapes)
+        shares["color"] += any(s.color == color for s in scene.shapes)
+        shares["shape"] += any(s.shape == shape for s in scene.shapes)
+    return shares
+
+
+def test_balanced_negatives_share_a_present_colour_as_often_as_a_shape():
+    uniform, balanced = _negatives(False), _negatives(True)
+    # Drawn uniformly, most near misses share a shape, so checking colours alone answers most of them ...
+    assert uniform["color"] < 0.75 * uniform["shape"]
+    # ... balanced, a present colour is named about as often as a present shape.
+    assert abs(balanced["color"] - balanced["shape"]) < 0.25 * len(SCENES)
+    assert balanced["color"] > uniform["color"] + 0.1 * len(SCENES)
+
+
 def test_describe_lists_left_to_right_with_articles():
     scene = shapes.Scene(
         400, 600, (240, 240, 240),

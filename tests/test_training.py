@@ -26,6 +26,7 @@ from llavakit.registry.training import (
     read_log,
     read_training_config,
     train,
+    answer_batches,
     training_step,
 )
 
@@ -81,8 +82,8 @@ def test_stage_one_runs_the_frozen_vision_tower_without_activations(tmp_path):
     model.vision_tower.register_forward_hook(lambda module, args, output: seen.update(vision=output.requires_grad))
     model.language_model.register_forward_hook(lambda module, args, output: seen.update(llm=output.requires_grad))
     optimizer = torch.optim.AdamW(groups)
-    result = training_step(model, model.processor, SyntheticShapesSource(0), settings, TrainingState(), optimizer,
-                           seed=0, max_length=None, autocast=None, frozen_vision=True)
+    batches = answer_batches(model.processor, SyntheticShapesSource(0), settings, 0, seed=0, max_length=None)
+    result = training_step(model, batches, settings, optimizer, autocast=None, frozen_vision=True)
     assert math.isfinite(result.loss)
     # No graph through the vision tower; the frozen LLM keeps its activations so the projector gets a gradient.
     assert seen == {"vision": False, "llm": True}
@@ -223,25 +224,72 @@ def test_patch_labels_stage_trains_only_the_vision_tower_and_resumes_exactly(tmp
                        load_file(resumed / "model" / "model.safetensors")["vision_tower.vision_model.embeddings.patch_embedding.weight"])
 
 
-def test_patch_labels_loss_falls_on_a_repeated_batch(tmp_path):
-    from llavakit.registry.training import patch_label_head, patch_label_step
+@pytest.mark.parametrize("patch_head", ["joint", "factored"])
+def test_patch_labels_loss_falls_on_a_repeated_batch(tmp_path, patch_head):
+    from llavakit.registry.training import patch_batches, patch_label_head, patch_label_step
 
     model = tiny_model_with_processor(tmp_path)
-    settings = StageConfig(name="vision", objective="patch-labels", steps=1, batch_size=8, lr=1e-2)
+    settings = StageConfig(name="vision", objective="patch-labels", steps=1, batch_size=8, lr=1e-2,
+                           patch_head=patch_head)
     source = SyntheticShapesSource(5)
     head = patch_label_head(model, source, settings, seed=0)
     optimizer = torch.optim.AdamW(configure_components(model, settings, head))
-    losses = [patch_label_step(model, source, settings, TrainingState(), optimizer, head, autocast=None).loss
-              for _ in range(40)]
+    batches = patch_batches(model, source, settings, 0)
+    losses = [patch_label_step(model, batches, settings, optimizer, head, autocast=None).loss for _ in range(40)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_factored_patch_head_scores_shape_and_colour_separately():
+    from llavakit.plugins.synthetic_shapes import PATCH_CLASSES, patch_class
+    from llavakit.registry.training import PatchHead
+
+    source = SyntheticShapesSource(0)
+    factors = {name: (len(names), list(lookup)) for name, (names, lookup) in source.patch_factors.items()}
+    head = PatchHead(4, factors)
+    assert head.out_features == 4 + 7
+    classes = torch.tensor([[0, patch_class("triangle", "orange"), patch_class("circle", "red")]])
+    # Logits that put all weight on the right shape and colour give (almost) zero loss for both factors ...
+    logits = torch.full((1, 3, 11), -30.0)
+    for position, (shape_label, color_label) in enumerate([(0, 0), (3, 6), (1, 1)]):
+        logits[0, position, shape_label] = logits[0, position, 4 + color_label] = 30.0
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    features = torch.zeros(1, 3, 4)
+    head.forward = lambda x: logits  # the loss, not the linear map, is under test
+    assert float(head.loss(features, classes)) < 1e-6
+    # ... and a wrong colour alone costs the colour factor's full cross-entropy.
+    logits[0, 1, 4 + 6], logits[0, 1, 4 + 1] = -30.0, 30.0
+    assert float(head.loss(features, classes)) == pytest.approx(60.0 / 3, rel=1e-4)
+    assert len(PATCH_CLASSES) == 19
+
+
+def test_an_unknown_training_device_is_refused(tmp_path):
+    config = tiny_training_config(tmp_path, stages=[stage()], device="gpu0")
+    with pytest.raises(ConfigError, match="device 'gpu0' is not a torch device"):
+        read_training_config(config)
+
+
+def test_data_workers_change_no_value(tmp_path):
+    """Batches prepared ahead on worker threads are the batches the training thread would build."""
+    runs = {}
+    for workers in (0, 2):
+        (tmp_path / f"w{workers}").mkdir()
+        config = tiny_training_config(tmp_path / f"w{workers}", data={"source": "synthetic-shapes", "workers": workers},
+                                      stages=[stage(objective="patch-labels", steps=2), stage(name="s2", steps=3)])
+        final = train(config, progress=False)
+        runs[workers] = ([e["loss"] for e in read_log(final.parent / "log.jsonl")], load_file(final / "model.safetensors"))
+    assert runs[0][0] == runs[2][0]
+    assert all(torch.equal(runs[0][1][name], runs[2][1][name]) for name in runs[0][1])
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"components": {"llm": {"freeze": True}}}, "trains only the vision tower; remove the settings of llm"),
+    ({"objective": "answers", "patch_head": "factored"}, "sets patch_head, which only objective patch-labels uses"),
     ({"components": {"vision": {"freeze": True}}}, "freezes the vision tower it trains"),
 ])
 def test_patch_labels_stage_configs_are_checked(tmp_path, fields, message):
-    config = tiny_training_config(tmp_path, stages=[stage(objective="patch-labels", **fields)])
+    config = tiny_training_config(tmp_path, stages=[{**stage(objective="patch-labels"), **fields}])
     with pytest.raises(ConfigError, match=message):
         read_training_config(config)
 
