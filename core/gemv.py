@@ -11,6 +11,10 @@ half of a float32), so they cost half the bytes; the activations are bf16 values
 result is rounded to bf16 once, as oneDNN's bf16 GEMM does. The 65 MB lm_head in bf16 streams at about
 46 GB/s against oneDNN's 31 GB/s.
 
+:func:`gemv_rows` is the loop body, shared with the fused decode-layer kernel of the llama plugin; the
+helpers :func:`widen`, :func:`narrow` and :func:`round_bf16` let such kernels read and write bf16 data as
+PyTorch rounds it.
+
 The sums are accumulated in float32 in another order than the BLAS libraries', so results agree with
 ``F.linear`` to rounding, not bit for bit. numba compiles the kernel on first use (about a second) and caches it on
 disk. Importing this module imports numba; callers import it only when they pick this path.
@@ -31,7 +35,7 @@ from numba.extending import intrinsic, overload
 #: scheduling costs nothing next to the row loads.
 ROW_BLOCK = 64
 # numba's default threading layer (workqueue) must not be entered from two threads at once.
-_launch = threading.Lock()
+launch_lock = threading.Lock()
 
 
 @intrinsic
@@ -44,11 +48,22 @@ def _bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
     return types.float32(types.uint32), codegen
 
 
-def _widen(value):  # pragma: no cover - replaced by the overload below inside compiled code
+@intrinsic
+def _float32_to_bits(typingctx, value):  # pragma: no cover - compiled
+    """The bits of a float32 as a uint32 (no conversion)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def widen(value):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: a weight or cache element (float32, or bf16 stored as uint16) as a float32."""
     raise NotImplementedError
 
 
-@overload(_widen)
+@overload(widen)
 def _widen_for(value):
     """A weight element as float32: itself, or (a bf16 stored as its 16-bit word) the top half of a float32."""
     if value == types.uint16:
@@ -56,17 +71,43 @@ def _widen_for(value):
     return lambda value: value
 
 
+@njit(inline="always")
+def round_bf16(value):  # pragma: no cover - compiled
+    """A float32 rounded to the nearest bfloat16 (ties to even), still held as a float32: what storing a value
+    in a bf16 tensor does. Inside numba kernels, so fused code rounds where PyTorch's bf16 ops would."""
+    bits = _float32_to_bits(value)
+    bits = np.uint32((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+    return _bits_to_float32(bits)
+
+
+def narrow(value, like):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: a float32 as an element of ``like``'s array (uint16 bf16 words or float32)."""
+    raise NotImplementedError
+
+
+@overload(narrow)
+def _narrow_for(value, like):
+    if like == types.uint16:
+        return lambda value, like: np.uint16(_float32_to_bits(round_bf16(value)) >> np.uint32(16))
+    return lambda value, like: value
+
+
+@njit(inline="always", fastmath=True)
+def gemv_rows(weight, x, out, block, bf16):  # pragma: no cover - compiled
+    """``out[r] = weight[r] · x`` for the rows of work item ``block`` (``ROW_BLOCK`` rows), summed in float32 and
+    rounded to bf16 when ``bf16``: the body of every parallel matrix-vector product here and in fused kernels."""
+    stop = min(weight.shape[0], (block + 1) * ROW_BLOCK)
+    for row in range(block * ROW_BLOCK, stop):
+        acc = np.float32(0.0)
+        for j in range(x.shape[0]):
+            acc += widen(weight[row, j]) * x[j]
+        out[row] = round_bf16(acc) if bf16 else acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(weight, x, out):  # pragma: no cover - compiled (one specialisation per weight dtype)
-    rows, inner = weight.shape
-    blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
-    for block in prange(blocks):
-        stop = min(rows, (block + 1) * ROW_BLOCK)
-        for row in range(block * ROW_BLOCK, stop):
-            acc = np.float32(0.0)
-            for j in range(inner):
-                acc += _widen(weight[row, j]) * x[j]
-            out[row] = acc
+    for block in prange((weight.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_rows(weight, x, out, block, False)
 
 
 def as_matrix(weight: torch.Tensor) -> np.ndarray:
@@ -85,7 +126,7 @@ def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     most numba's)."""
     out = torch.empty((1, matrix.shape[0]), dtype=torch.float32)
     vector = x.reshape(-1).to(torch.float32).contiguous().numpy()
-    with _launch:
+    with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
         _gemv(matrix, vector, out.numpy()[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)

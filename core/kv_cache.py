@@ -36,6 +36,9 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.length = 0
+        #: Views of the buffers that a fast path derives once (numpy arrays for a numba kernel, say), by name;
+        #: they live as long as the cache and are dropped whenever the buffers are replaced.
+        self.views: dict[str, object] = {}
 
     @property
     def batch_size(self) -> int:
@@ -44,14 +47,19 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` (``[B, Hkv, L, D]``) after the cached positions; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
+        self.check_room(k.shape[2])
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def check_room(self, num_positions: int) -> None:
+        """Raise unless ``num_positions`` more positions fit (for code that writes the buffers itself)."""
+        end = self.length + num_positions
         if end > self.capacity:
             raise ContextLengthError(
                 f"the KV cache holds {self.capacity} positions but {end} are needed; "
                 "allocate it with a larger capacity (prompt length + max_new_tokens)"
             )
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, num_positions: int) -> None:
         """Commit ``num_positions`` newly written positions (called once per forward, after all layers)."""
@@ -64,3 +72,4 @@ class KVCache:
         """Keep only the batch rows in ``index`` (used when finished rows are dropped)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        self.views.clear()

@@ -219,6 +219,8 @@ class LlamaDecoder(LanguageModel):
         cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
         mask, _ = self._mask(attention_mask, 1, kv_cache.length, x.device)
+        if weights.fused is not None and mask is None and self.layers[0].self_attn.backend.name != "eager":
+            return self._fused_step(x, cos, sin, weights, kv_cache)
         # Without a mask, the query heads sharing a key/value head become that head's queries: grouped-query
         # attention with no copy of the cache (a mask is per query position, so masked steps keep Hq heads).
         query_shape = (batch, kv_heads, heads // kv_heads, head_dim) if mask is None else (batch, heads, 1, head_dim)
@@ -235,6 +237,24 @@ class LlamaDecoder(LanguageModel):
             x = x + down(F.silu(gate) * up)[0]
         kv_cache.advance(1)
         return weights.lm_head(self.norm(x))[0]
+
+    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache) -> torch.Tensor:
+        """Batch 1 without a mask: every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`)."""
+        from llavakit.plugins.llama_kernels import as_cache_array, run_layers
+
+        kv_cache.check_room(1)
+        state = x[0].to(torch.float32, copy=True).numpy()
+        arrays = kv_cache.views.get("numba")
+        if arrays is None:
+            arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
+                                                [as_cache_array(v) for v in kv_cache.values])
+        keys, values = arrays
+        run_layers(state, weights.fused, keys, values, bf16=x.dtype == torch.bfloat16,
+                   eps=self.config.rms_norm_eps, scale=self.layers[0].self_attn.scale, num_heads=self.config.num_heads,
+                   position=kv_cache.length, cos=cos[0, 0].float().numpy(), sin=sin[0, 0].float().numpy())
+        kv_cache.advance(1)
+        hidden = torch.from_numpy(state).to(x.dtype)[None]
+        return weights.lm_head(self.norm(hidden))[0]
 
     def decode_weights(self, batch_size: int) -> DecodeWeights:
         """The cached :class:`DecodeWeights`, rebuilt when a parameter changed or (MKL packing) the batch did."""
@@ -313,7 +333,8 @@ class Projection:
 
 
 class DecodeWeights:
-    """Per-layer projections (q/k/v together, output, gate/up together, down) and ``lm_head`` for decode steps.
+    """Per-layer projections (q/k/v together, output, gate/up together, down) and ``lm_head`` for decode steps;
+    on the numba path also ``fused``, each layer's matrices and norm weights for the one-call layer kernel.
 
     Packed copies cost as much memory as the decoder's linear weights, so they are made only on the CPU, when
     ``LlamaDecoder.pack_decode_weights`` is true and the copies take less than half the memory available
@@ -323,7 +344,8 @@ class DecodeWeights:
 
     def __init__(self, decoder: LlamaDecoder, batch_size: int):
         self.batch_size = batch_size
-        self.fingerprint = parameter_fingerprint(decoder)
+        self.slots = parameter_slots(decoder)
+        self.fingerprint = parameter_fingerprint(self.slots)
         self.wanted = packing_kind(decoder, batch_size)
         self.packing = self.wanted if self.wanted is not None and packed_copies_fit(decoder) else None
         project = lambda *weights: Projection(list(weights), self.packing, batch_size)  # noqa: E731
@@ -337,18 +359,35 @@ class DecodeWeights:
             for layer in decoder.layers
         ]
         self.lm_head = project(decoder.lm_head.weight)
+        # The numba path also runs whole layers as one kernel: the same matrices, plus the norm weights.
+        self.fused = None
+        if self.packing == "numba":
+            norm = lambda module: module.weight.detach().to(torch.float32, copy=True).numpy()  # noqa: E731
+            self.fused = [
+                (norm(layer.input_layernorm), qkv.matrix, output.matrix, norm(layer.post_attention_layernorm),
+                 gate_up.matrix, down.matrix)
+                for layer, (qkv, output, gate_up, down) in zip(decoder.layers, self.layers)
+            ]
 
     def fits(self, decoder: LlamaDecoder, batch_size: int) -> bool:
         """Still valid for ``batch_size`` steps of ``decoder`` as it is now."""
         return (
-            self.fingerprint == parameter_fingerprint(decoder)
+            self.fingerprint == parameter_fingerprint(self.slots)
             and self.wanted == packing_kind(decoder, batch_size)
             and (self.packing != "mkl" or batch_size == self.batch_size)
         )
 
 
-def parameter_fingerprint(module: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+def parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (owning module, attribute name) of ``module``'s parameters: walking the module tree once, so a
+    per-step check reads the current parameters without walking it again (which cost ~1 ms a step)."""
+    return [(owner, name) for owner in module.modules() for name, _ in owner.named_parameters(recurse=False)]
+
+
+def parameter_fingerprint(slots: list[tuple[nn.Module, str]]) -> tuple:
+    """Storage and version of each slot's current parameter: changes with any in-place update, ``.to()``,
+    ``load_state_dict`` or a replaced parameter."""
+    return tuple((getattr(owner, name).data_ptr(), getattr(owner, name)._version) for owner, name in slots)
 
 
 def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:

@@ -124,3 +124,48 @@ def test_numba_gemv_refuses_other_dtypes():
 
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         as_matrix(torch.zeros(2, 2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layers_give_the_forward_cache_and_logits(dtype):
+    """Batch 1 without a mask runs each layer as one numba kernel; it rounds where PyTorch's bf16 ops round,
+    so in bf16 the cache and logits are the forward pass's bit for bit, in fp32 within summation-order noise."""
+    llm = decoder(dtype)
+    assert llm.decode_weights(1).fused is not None
+    for length in (1, 12, 40):
+        generator = torch.Generator().manual_seed(length)
+        prompt = torch.randint(0, 299, (1, length), generator=generator)
+        tokens = torch.randint(0, 299, (1,), generator=generator)
+        positions = torch.full((1, 1), length)
+        with torch.inference_mode():
+            plain_cache, fast_cache = prefilled(llm, prompt, None), prefilled(llm, prompt, None)
+            plain = llm.logits(llm(llm.embed(tokens[:, None]), position_ids=positions, kv_cache=plain_cache))[:, -1]
+            fast = llm.decode_step(tokens, position_ids=positions, attention_mask=None, kv_cache=fast_cache)
+        if dtype == torch.bfloat16:
+            assert torch.equal(plain, fast)
+            assert all(torch.equal(a, b) for a, b in zip(plain_cache.keys + plain_cache.values,
+                                                        fast_cache.keys + fast_cache.values))
+        else:
+            assert (plain - fast).abs().max().item() < 1e-4
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain_cache.values, fast_cache.values))
+
+
+def test_fused_step_keeps_eager_as_the_reference_and_checks_the_cache_room():
+    from llavakit.core.errors import ContextLengthError
+    from llavakit.plugins.attention import EagerAttention
+
+    llm = decoder()
+    cache = llm.new_kv_cache(1, 3)
+    with torch.inference_mode():
+        llm(llm.embed(torch.tensor([[1, 2, 3]])), position_ids=torch.arange(3)[None], kv_cache=cache)
+        with pytest.raises(ContextLengthError, match="holds 3 positions but 4 are needed"):
+            llm.decode_step(torch.tensor([4]), position_ids=torch.tensor([[3]]), attention_mask=None, kv_cache=cache)
+    assert cache.length == 3
+    eager = EagerAttention()
+    for layer in llm.layers:
+        layer.self_attn.backend = eager
+    calls = []
+    original = llm._fused_step
+    llm._fused_step = lambda *args: calls.append(1) or original(*args)
+    step_both_ways(llm, 1, padded=False)
+    assert not calls  # the eager backend is the reference math: its steps never take the fused kernel
