@@ -15,6 +15,7 @@ hurts both alike. llama.cpp (through ``llama-cpp-python``) is not measured: it n
 the checkpoint, which this script does not do; its figures in docs/benchmarks.md come from ``llama-bench``.
 
     python benchmarks/bench_generate.py --threads 2 --dtypes float32 bfloat16
+    python benchmarks/bench_generate.py --device cuda --dtypes float32 bfloat16   # on a GPU
 """
 
 from __future__ import annotations
@@ -94,13 +95,19 @@ def summarise(label: str, unit: str, values: dict[str, list[float]], higher_is_b
     return best
 
 
-def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer read afterwards covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int, device: torch.device) -> dict[str, float]:
     from transformers import LlavaNextForConditionalGeneration
 
     from llavakit.registry import load_model
 
-    ours = load_model(folder, dtype=dtype)
-    theirs = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    ours = load_model(folder, dtype=dtype, device=device)
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     theirs.generation_config.eos_token_id = None  # always generate NEW_TOKENS
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 32000, (1, PROMPT_TOKENS), generator=generator)
@@ -109,6 +116,8 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, flo
     image_prompt = torch.cat([prompt[:, :4], torch.full((1, image_tokens), IMAGE_TOKEN), prompt[:, 4:]], dim=1)
     pixel_values = torch.randn(1, ours.tiler.num_tiles(IMAGE_SIZE), 3, 336, 336, generator=generator).to(dtype)
     image_sizes = torch.tensor([IMAGE_SIZE])
+    prompt, batch, image_prompt, pixel_values, image_sizes = (
+        t.to(device) for t in (prompt, batch, image_prompt, pixel_values, image_sizes))
 
     def decode(model, is_ours: bool):
         def run():
@@ -123,6 +132,7 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, flo
             options = {} if is_ours else dict(do_sample=False)
             start = time.perf_counter()
             model.generate(image_prompt, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=1, **options)
+            synchronize(device)
             return time.perf_counter() - start
         return run
 
@@ -131,6 +141,7 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, flo
             options = dict(eos_token_id=[]) if is_ours else dict(min_new_tokens=NEW_TOKENS, do_sample=False)
             start = time.perf_counter()
             out = model.generate(inputs, max_new_tokens=NEW_TOKENS, **options)
+            synchronize(device)
             return (out.shape[0] * (out.shape[1] - inputs.shape[1])) / (time.perf_counter() - start)
         return run
 
@@ -142,11 +153,17 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int) -> dict[str, flo
         packed_s = time.perf_counter() - start
         ours.generate(prompt, max_new_tokens=2, eos_token_id=[])
     first_s = time.perf_counter() - start - packed_s
-    fused = "fused numba layers" if weights.fused is not None else "no fused layers"
+    fused = ("fused numba layers, compiled on first use and cached on disk" if weights.fused is not None
+             else "no fused layers")
     print(f"  first call: packing the decode weights ({weights.packing or 'none'}) {packed_s:.3f} s; the first "
-          f"2-token generate ({fused}; numba compiles on first use and caches on disk) {first_s:.2f} s")
+          f"2-token generate ({fused}) {first_s:.2f} s")
     for run in (decode(ours, True), decode(theirs, False)):
         run()  # warm up: thread pools, weight packing, allocator
+    with torch.inference_mode():
+        greedy_ours = ours.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, PROMPT_TOKENS:]
+    greedy_theirs = theirs.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, PROMPT_TOKENS:]
+    same = int((greedy_ours == greedy_theirs).int().cumprod(0).sum())
+    print(f"  greedy tokens equal to transformers' for the first {same} of 32")
     decode_rates = summarise("decode, batch 1", "tok/s", best_of(repeats, {
         "llavakit": decode(ours, True), "transformers": decode(theirs, False)}), True)
     ttfts = summarise("time to first token, 768x1024 image", "s", best_of(repeats, {
@@ -176,14 +193,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu (the issue's figures) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeats}")
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {where}, best of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "bench-llava-next"
         write_benchmark_checkpoint(folder)
         for name in args.dtypes:
-            bench_dtype(folder, getattr(torch, name), args.repeats)
+            bench_dtype(folder, getattr(torch, name), args.repeats, device)
 
 
 if __name__ == "__main__":
