@@ -546,17 +546,19 @@ class Prefetcher:
     a run with workers computes exactly what a run without them does. With 0 workers it builds inline.
     """
 
-    def __init__(self, make: Callable[[int], Any], workers: int):
+    def __init__(self, make: Callable[[int], Any], workers: int, samples_per_step: int):
         self.make = make
+        self.workers = workers
+        self.stride = samples_per_step
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="llavakit-data") if workers else None
-        self.depth = workers + 1
         self.pending: dict[int, Future] = {}
 
-    def get(self, first_sample: int, upcoming: list[int]) -> Any:
-        """The batch at ``first_sample``; queue the batches at ``upcoming`` sample offsets (at most ``workers + 1``)."""
+    def get(self, first_sample: int, steps_after: int) -> Any:
+        """The batch of the step at ``first_sample``; queues up to ``workers`` of the ``steps_after`` next ones."""
         if self.pool is None:
             return self.make(first_sample)
-        for offset in [first_sample, *upcoming][: self.depth]:
+        for step in range(min(self.workers, steps_after) + 1):
+            offset = first_sample + step * self.stride
             if offset not in self.pending:
                 self.pending[offset] = self.pool.submit(self.make, offset)
         return self.pending.pop(first_sample).result()
@@ -636,7 +638,7 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
             make = partial(answer_batches, model.processor, stage_source, stage, seed=config.seed,
                            max_length=config.data.max_length)
         per_step = stage.batch_size * stage.grad_accum
-        prefetch = Prefetcher(make, config.data.workers)
+        prefetch = Prefetcher(make, config.data.workers, per_step)
         model.train()
         bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.name}", disable=not progress, unit="step")
         try:
@@ -644,8 +646,7 @@ def train(config_path: str | Path, *, resume: str | Path | None = None, output: 
                 if max_steps is not None and steps_run >= max_steps:
                     bar.close()
                     return output
-                upcoming = [state.samples + k * per_step for k in range(1, stage.steps - state.step)]
-                batches = prefetch.get(state.samples, upcoming[: config.data.workers])
+                batches = prefetch.get(state.samples, stage.steps - state.step - 1)
                 if head is not None:
                     result = patch_label_step(model, batches, stage, optimizer, head, autocast=autocast)
                 else:
