@@ -25,6 +25,11 @@ from llavakit.core.interfaces import LanguageModel
 from llavakit.core.kv_cache import KVCache
 
 
+#: Attention backends whose batch-1 CPU decode steps may run as the fused numba layer: the built-in ones that
+#: compute plain softmax attention. ``eager`` stays the reference math, and a plugin's backend is never bypassed.
+FUSED_BACKENDS = frozenset({"sdpa", "flash"})
+
+
 class LlamaConfig(BaseModel):
     """Options of the ``llama`` decoder (presets override a subset)."""
 
@@ -219,7 +224,7 @@ class LlamaDecoder(LanguageModel):
         cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
         mask, _ = self._mask(attention_mask, 1, kv_cache.length, x.device)
-        if weights.fused is not None and mask is None and self.layers[0].self_attn.backend.name != "eager":
+        if weights.fused is not None and mask is None and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
             return self._fused_step(x, cos, sin, weights, kv_cache)
         # Without a mask, the query heads sharing a key/value head become that head's queries: grouped-query
         # attention with no copy of the cache (a mask is per query position, so masked steps keep Hq heads).
