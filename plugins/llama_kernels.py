@@ -22,7 +22,7 @@ import torch
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads
 
-from llavakit.core.gemv import ROW_BLOCK, gemv_rows, launch_lock, narrow, round_bf16, widen
+from llavakit.core.gemv import ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, round_bf16, widen
 
 
 @njit(inline="always", fastmath=True)
@@ -121,9 +121,9 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, cos, sin, input_norm,
 
 
 def as_cache_array(tensor: torch.Tensor) -> np.ndarray:
-    """Row 0 of a ``[B, Hkv, capacity, D]`` cache tensor as the array :func:`decode_layer` writes (no copy)."""
-    row = tensor[0]
-    return row.view(torch.int16).numpy().view(np.uint16) if row.dtype == torch.bfloat16 else row.numpy()
+    """Row 0 of a ``[B, Hkv, capacity, D]`` cache tensor as the array :func:`decode_layer` writes: the same
+    float32 / bf16-word view the weights get (row 0 of the contiguous cache is contiguous, so it is no copy)."""
+    return as_matrix(tensor[0])
 
 
 def run_layers(x: np.ndarray, layers: list[tuple], keys: list[np.ndarray], values: list[np.ndarray], *,
