@@ -14,6 +14,7 @@ import json
 import os
 from importlib import resources
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -25,9 +26,10 @@ from llavakit.core.interfaces import LanguageModel
 from llavakit.core.kv_cache import KVCache
 
 
-#: Attention backends whose batch-1 CPU decode steps may run as the fused numba layer: the built-in ones that
-#: compute plain softmax attention. ``eager`` stays the reference math, and a plugin's backend is never bypassed.
+#: Attention backends whose CPU decode steps may run as the fused numba layer: the built-in ones that compute
+#: plain softmax attention. ``eager`` stays the reference math, and a plugin's backend is never bypassed.
 FUSED_BACKENDS = frozenset({"sdpa", "flash"})
+
 
 
 class LlamaConfig(BaseModel):
@@ -223,9 +225,12 @@ class LlamaDecoder(LanguageModel):
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
+        if (weights.fused is not None or weights.norms is not None) and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
+            starts = self._attended_from(attention_mask, batch, kv_cache.length + 1)
+            if starts is not None:
+                step = self._fused_step if weights.fused is not None else self._glued_step
+                return step(x, cos, sin, weights, kv_cache, starts)
         mask, _ = self._mask(attention_mask, 1, kv_cache.length, x.device)
-        if weights.fused is not None and mask is None and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
-            return self._fused_step(x, cos, sin, weights, kv_cache)
         # Without a mask, the query heads sharing a key/value head become that head's queries: grouped-query
         # attention with no copy of the cache (a mask is per query position, so masked steps keep Hq heads).
         query_shape = (batch, kv_heads, heads // kv_heads, head_dim) if mask is None else (batch, heads, 1, head_dim)
@@ -243,12 +248,27 @@ class LlamaDecoder(LanguageModel):
         kv_cache.advance(1)
         return weights.lm_head(self.norm(x))[0]
 
-    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache) -> torch.Tensor:
-        """Batch 1 without a mask: every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`)."""
+    def _attended_from(self, attention_mask, batch: int, k_len: int) -> np.ndarray | None:
+        """Each row's first attended cache position (int64 ``[B]``) when the mask of a decode step is plain left
+        padding (every position from the first attended one on is attended), which the fused layer handles;
+        ``None`` for any other mask or a sliding window that cuts in, which go through the general path."""
+        if self.sliding_window is not None and k_len > self.sliding_window:
+            return None
+        if attention_mask is None:
+            return np.zeros(batch, dtype=np.int64)
+        attended = attention_mask[:, :k_len].bool()
+        # The first attended position of each row, and whether everything after it is attended too.
+        starts = torch.where(attended.any(1), attended.int().argmax(1), k_len - 1)
+        if int(attended.sum()) != int((k_len - starts).sum()):
+            return None
+        return starts.cpu().numpy().astype(np.int64)
+
+    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
+        """Every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
         from llavakit.plugins.llama_kernels import as_cache_array, run_layers
 
         kv_cache.check_room(1)
-        state = x[0].to(torch.float32, copy=True).numpy()
+        state = x.to(torch.float32, copy=True).numpy()
         arrays = kv_cache.views.get("numba")
         if arrays is None:
             arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
@@ -256,10 +276,47 @@ class LlamaDecoder(LanguageModel):
         keys, values = arrays
         run_layers(state, weights.fused, keys, values, bf16=x.dtype == torch.bfloat16,
                    eps=self.config.rms_norm_eps, scale=self.layers[0].self_attn.scale, num_heads=self.config.num_heads,
-                   position=kv_cache.length, cos=cos[0, 0].float().numpy(), sin=sin[0, 0].float().numpy())
+                   position=kv_cache.length, starts=starts, cos=cos[:, 0].float().contiguous().numpy(),
+                   sin=sin[:, 0].float().contiguous().numpy())
         kv_cache.advance(1)
-        hidden = torch.from_numpy(state).to(x.dtype)[None]
+        hidden = torch.from_numpy(state).to(x.dtype)
         return weights.lm_head(self.norm(hidden))[0]
+
+    def _glued_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
+        """A small batch: per layer four packed oneDNN products, and between them three numba kernels for the
+        norms and residuals, rotary, the cache write and attention, and the gated activation
+        (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
+        from llavakit.core.gemv import as_matrix
+        from llavakit.plugins.llama_kernels import as_cache_array, attend_rows, kernel_threads, residual_norm, silu_gate
+
+        kv_cache.check_room(1)
+        config, dtype = self.config, x.dtype
+        bf16, batch, eps = dtype == torch.bfloat16, x.shape[0], np.float32(config.rms_norm_eps)
+        scale = np.float32(self.layers[0].self_attn.scale)
+        state = x.to(torch.float32, copy=True).numpy()
+        hidden = torch.empty_like(x)
+        attended = x.new_empty(batch, config.num_heads * config.head_dim)
+        activated = x.new_empty(batch, config.intermediate_size)
+        hidden_words, attended_words, activated_words = as_matrix(hidden), as_matrix(attended), as_matrix(activated)
+        no_delta = hidden_words[:0]
+        arrays = kv_cache.views.get("numba")
+        if arrays is None:
+            arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
+                                                [as_cache_array(v) for v in kv_cache.values])
+        keys, values = arrays
+        cos, sin = cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy()
+        norms = weights.norms
+        with kernel_threads():
+            residual_norm(state, no_delta, norms[0], eps, bf16, hidden_words)
+            for index, (qkv, output, gate_up, down) in enumerate(weights.layers):
+                qkv_words = as_matrix(qkv.product(hidden))
+                attend_rows(qkv_words, bf16, scale, config.num_heads, kv_cache.length, starts, cos, sin, keys[index],
+                            values[index], attended_words)
+                residual_norm(state, as_matrix(output.product(attended)), norms[2 * index + 1], eps, bf16, hidden_words)
+                silu_gate(as_matrix(gate_up.product(hidden)), bf16, activated_words)
+                residual_norm(state, as_matrix(down.product(activated)), norms[2 * index + 2], eps, bf16, hidden_words)
+        kv_cache.advance(1)
+        return weights.lm_head.product(hidden)
 
     def decode_weights(self, batch_size: int) -> DecodeWeights:
         """The cached :class:`DecodeWeights`, rebuilt when a parameter changed or (MKL packing) the batch did."""
@@ -328,13 +385,18 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.packing is None:
             return tuple(F.linear(x, w) for w in self.weights)
-        if self.packing == "numba":
-            y = self.gemv(self.matrix, x)
-        elif self.packing == "mkl":
-            y = torch.ops.mkl._mkl_linear(x, self.packed, self.unused_plain, None, self.batch_size)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        y = self.product(x)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed product, every weight's outputs side by side in one contiguous ``[B, sum(sizes)]``."""
+        if self.packing == "numba":
+            return self.gemv(self.matrix, x)
+        if self.packing == "mkl":
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.unused_plain, None, self.batch_size)
+        if self.packing is None:
+            raise RuntimeError("an unpacked Projection keeps its weights apart; call it instead")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 class DecodeWeights:
@@ -364,15 +426,23 @@ class DecodeWeights:
             for layer in decoder.layers
         ]
         self.lm_head = project(decoder.lm_head.weight)
-        # The numba path also runs whole layers as one kernel: the same matrices, plus the norm weights.
-        self.fused = None
+        # The numba path also runs whole layers as one kernel: the same matrices, plus the norm weights. Packed
+        # oneDNN/MKL products get numba kernels between them (``norms``: each layer's input and post-attention
+        # norm, then the final one, in the order a step applies them).
+        self.fused = self.norms = None
+        norm = lambda module: module.weight.detach().to(torch.float32, copy=True).numpy()  # noqa: E731
         if self.packing == "numba":
-            norm = lambda module: module.weight.detach().to(torch.float32, copy=True).numpy()  # noqa: E731
             self.fused = [
                 (norm(layer.input_layernorm), qkv.matrix, output.matrix, norm(layer.post_attention_layernorm),
                  gate_up.matrix, down.matrix)
                 for layer, (qkv, output, gate_up, down) in zip(decoder.layers, self.layers)
             ]
+        elif self.packing in ("onednn", "mkl") and decoder.lm_head.weight.dtype in (torch.float32, torch.bfloat16) \
+                and _has_numba():
+            self.norms = [norm(layer.input_layernorm) for layer in decoder.layers[:1]]
+            for index, layer in enumerate(decoder.layers):
+                following = decoder.layers[index + 1].input_layernorm if index + 1 < len(decoder.layers) else decoder.norm
+                self.norms += [norm(layer.post_attention_layernorm), norm(following)]
 
     def fits(self, decoder: LlamaDecoder, batch_size: int) -> bool:
         """Still valid for ``batch_size`` steps of ``decoder`` as it is now."""

@@ -56,17 +56,48 @@ def step_both_ways(llm, batch: int, padded: bool, length: int = 12):
 
 
 @pytest.mark.parametrize("dtype, batch, expected_packing", [
-    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.bfloat16, 1, "numba"), (torch.bfloat16, 3, "onednn"),
+    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.float32, 12, "onednn"),
+    (torch.bfloat16, 1, "numba"), (torch.bfloat16, 3, "onednn"), (torch.bfloat16, 12, "onednn"),
 ])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padded):
     llm = decoder(dtype)
+    steps = []
+    for name in ("_fused_step", "_glued_step"):
+        original = getattr(llm, name)
+        setattr(llm, name, lambda *args, name=name, original=original: steps.append((name, args[-1].tolist())) or original(*args))
     plain, fast = step_both_ways(llm, batch, padded and batch > 1)
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
     assert (plain - fast).abs().max().item() < tolerance
     assert plain.std() > 0.5  # logits with signal
     if X86_BLAS and (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         assert llm.decode_weights(batch).packing == expected_packing
+        # Batch 1 runs the fused layer; batches run packed products with numba kernels between them; either
+        # way left-padded rows attend from their first real token.
+        starts = [5] + [0] * (batch - 1) if padded and batch > 1 else [0] * batch
+        assert steps == [("_fused_step" if batch == 1 else "_glued_step", starts)]
+
+
+def test_a_mask_that_is_not_left_padding_takes_the_general_path():
+    llm = decoder()
+    fused = []
+    for name in ("_fused_step", "_glued_step"):
+        original = getattr(llm, name)
+        setattr(llm, name, lambda *args, original=original: fused.append(1) or original(*args))
+    generator = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 299, (2, 10), generator=generator)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 3:5] = 0  # a hole in the middle of row 1
+    tokens = torch.randint(0, 299, (2,), generator=generator)
+    positions = mask.sum(-1, keepdim=True)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        plain_cache, fast_cache = prefilled(llm, prompt, mask), prefilled(llm, prompt, mask)
+        plain = llm.logits(llm(llm.embed(tokens[:, None]), position_ids=positions, attention_mask=step_mask,
+                               kv_cache=plain_cache))[:, -1]
+        fast = llm.decode_step(tokens, position_ids=positions, attention_mask=step_mask, kv_cache=fast_cache)
+    assert not fused
+    assert (plain - fast).abs().max().item() < 1e-4
 
 
 def test_unpacked_fast_step_and_sliding_window():
