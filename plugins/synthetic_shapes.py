@@ -120,13 +120,22 @@ class Scene:
         measured on a label map drawn ``oversample`` pixels per patch side with the scene's geometry scaled
         the same way (circles become the ellipses the stretched tile shows).
         """
+        return self.canvas_patch_labels(rows, cols, (0, 0, rows, cols), min_cover=min_cover, oversample=oversample)
+
+    def canvas_patch_labels(self, rows: int, cols: int, placement: tuple[float, float, float, float], *,
+                            min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
+        """Per-patch classes of a ``rows`` × ``cols`` patch canvas on which the image occupies ``placement``
+        ``(top, left, height, width)``, in patches (fractions allowed); the rest of the canvas is background.
+        An AnyRes grid is such a canvas: the image resized keeping its aspect and centred on it, then cut into
+        tiles (see :meth:`patch_labels` for how a patch's class is chosen)."""
         height, width = rows * oversample, cols * oversample
-        scale_x, scale_y = width / self.width, height / self.height
+        top0, left0 = placement[0] * oversample, placement[1] * oversample
+        scale_x, scale_y = placement[3] * oversample / self.width, placement[2] * oversample / self.height
         label_map = Image.new("L", (width, height), 0)
         draw = ImageDraw.Draw(label_map)
         for index, item in enumerate(self.shapes, start=1):
             left, top, right, bottom = item.box
-            box = (left * scale_x, top * scale_y, right * scale_x - 1, bottom * scale_y - 1)
+            box = (left0 + left * scale_x, top0 + top * scale_y, left0 + right * scale_x - 1, top0 + bottom * scale_y - 1)
             _draw_shape(draw, item.shape, box, (box[0] + box[2]) / 2, index)
         objects = np.asarray(label_map, dtype=np.int64).reshape(rows, oversample, cols, oversample)
         objects = objects.transpose(0, 2, 1, 3).reshape(rows, cols, oversample * oversample)

@@ -23,6 +23,8 @@ end-of-turn token the template writes): every prompt token, template token and i
 from __future__ import annotations
 
 import json
+import random
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,9 @@ class Example:
     images: list[Image.Image]
     messages: list[dict[str, str]]
     where: str
+    #: Identifies the images: examples with the same key share them, so their preprocessing is done once
+    #: (see ``image_cache`` of :func:`encode_example`). ``None``: never shared.
+    image_key: Any = None
 
 
 @dataclass
@@ -186,32 +191,75 @@ class LlavaJsonDataset:
         return [[dict(m) for m in messages] for _, _, messages in self.records[:limit]]
 
 
+#: Rendered scenes a :class:`SyntheticShapesSource` keeps for the examples that share them.
+_RENDERED_SCENES_KEPT = 64
+
+
 class SyntheticShapesSource:
-    """The synthetic-shapes task as an endless source: example ``i`` is scene ``i`` of the stream ``seed``,
-    with one question of every form that applies (at most ``max_turns`` of them, favouring forms with a
-    larger ``form_weights`` entry)."""
+    """The synthetic-shapes task as an endless source.
+
+    With ``samples_per_scene=1`` example ``i`` is scene ``i`` of the stream ``seed``, with one question of every
+    form that applies (at most ``max_turns`` of them, favouring forms with a larger ``form_weights`` entry).
+    With ``samples_per_scene=k`` examples ``k*s … k*s + k - 1`` all show scene ``s``, each a conversation of
+    its own drawn from its own random stream: the scene is rendered once and (through ``image_key``) preprocessed
+    once for all of them, and one batch holds several questions about the same image, which only reading the
+    question tells apart.
+    """
 
     size = None
 
     def __init__(self, seed: int = 0, max_turns: int | None = None, form_weights: dict[str, float] | None = None,
-                 balanced_negatives: bool = False):
+                 balanced_negatives: bool = False, samples_per_scene: int = 1):
         from llavakit.plugins import synthetic_shapes
 
+        if samples_per_scene < 1:
+            raise ConfigError(f"samples_per_scene must be at least 1, got {samples_per_scene}")
         self.seed = seed
         self.max_turns = max_turns
         self.form_weights = dict(form_weights or {})
         self.balanced_negatives = balanced_negatives
+        self.samples_per_scene = samples_per_scene
         self._task = synthetic_shapes
+        self._rendered: dict[int, Image.Image] = {}
+        self._lock = threading.Lock()
 
     def _scene(self, index: int):
         """Scene ``index`` and the random stream its questions continue from."""
         rng = self._task.scene_rng(self.seed, index)
         return self._task.sample_scene(rng), rng
 
+    def _scene_conversation(self, scene_index: int):
+        """Scene ``scene_index`` with its own conversation (the draw of ``samples_per_scene=1``)."""
+        scene, rng = self._scene(scene_index)
+        return scene, self._draw(scene, rng)
+
+    def _draw(self, scene, rng):
+        return self._task.training_conversation(scene, rng, self.max_turns, self.form_weights,
+                                                balanced_negatives=self.balanced_negatives)
+
     def _conversation(self, index: int):
-        scene, rng = self._scene(index)
-        return scene, self._task.training_conversation(scene, rng, self.max_turns, self.form_weights,
-                                                        balanced_negatives=self.balanced_negatives)
+        """Example ``index``: its scene's index, the scene and its conversation."""
+        if self.samples_per_scene == 1:
+            return (index, *self._scene_conversation(index))
+        scene_index, sample = divmod(index, self.samples_per_scene)
+        scene, _ = self._scene(scene_index)
+        rng = random.Random(f"synthetic-shapes:{self.seed}:{scene_index}:sample {sample}")
+        return scene_index, scene, self._draw(scene, rng)
+
+    def _render(self, scene_index: int, scene) -> Image.Image:
+        """The scene's image, rendered once for the ``samples_per_scene`` examples that show it (the last few
+        scenes are kept; prefetch threads may ask concurrently)."""
+        if self.samples_per_scene == 1:
+            return scene.render()
+        with self._lock:
+            image = self._rendered.get(scene_index)
+        if image is None:
+            image = scene.render()
+            with self._lock:
+                self._rendered[scene_index] = image
+                while len(self._rendered) > _RENDERED_SCENES_KEPT:
+                    del self._rendered[next(iter(self._rendered))]
+        return image
 
     @staticmethod
     def _messages(turns) -> list[dict[str, str]]:
@@ -223,11 +271,17 @@ class SyntheticShapesSource:
         return messages
 
     def example(self, index: int) -> Example:
-        scene, turns = self._conversation(index)
-        return Example(images=[scene.render()], messages=self._messages(turns), where=f"synthetic scene {index} (seed {self.seed})")
+        scene_index, scene, turns = self._conversation(index)
+        where = f"synthetic scene {scene_index} (seed {self.seed})"
+        if self.samples_per_scene > 1:
+            where += f", sample {index}"
+        return Example(images=[self._render(scene_index, scene)], messages=self._messages(turns), where=where,
+                       image_key=("synthetic-shapes", self.seed, scene_index))
 
     def texts(self, limit: int) -> list[list[dict[str, str]]]:
-        return [self._messages(self._conversation(index)[1]) for index in range(limit)]
+        """One conversation for each of the first ``limit`` scenes, whatever ``samples_per_scene`` is (the
+        tokenizer sees the same text distribution either way)."""
+        return [self._messages(self._scene_conversation(index)[1]) for index in range(limit)]
 
     @property
     def patch_classes(self) -> tuple[str, ...]:
@@ -241,7 +295,8 @@ class SyntheticShapesSource:
 
     def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor]:
         """Scene ``index`` (the same scene :meth:`example` gives) and its per-patch classes on a ``rows`` ×
-        ``cols`` grid of the whole image stretched to one tile: the labels of a ``patch-labels`` training stage."""
+        ``cols`` grid of the whole image stretched to one tile: the labels of a ``patch-labels`` training stage.
+        (With ``samples_per_scene=1`` this is the scene :meth:`example` ``index`` shows.)"""
         scene, _ = self._scene(index)
         return scene.render(), torch.from_numpy(scene.patch_labels(rows, cols))
 
@@ -272,8 +327,13 @@ def answer_spans(processor: Processor, messages: Sequence[Mapping[str, Any]], wh
     return full, spans
 
 
-def encode_example(processor: Processor, example: Example, *, max_length: int | None = None) -> EncodedExample:
-    """Token ids and labels of one example; labels are ``-100`` except on assistant answers."""
+def encode_example(processor: Processor, example: Example, *, max_length: int | None = None,
+                   image_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = None) -> EncodedExample:
+    """Token ids and labels of one example; labels are ``-100`` except on assistant answers.
+
+    ``image_cache`` (a dict the caller keeps, e.g. for one batch) holds the preprocessed images of examples
+    with an ``image_key``, so examples sharing a scene resize it once: resizing is most of the data cost.
+    """
     text, spans = answer_spans(processor, example.messages, example.where)
     tokenizer = processor.tokenizer
     bos = tokenizer.bos_token
@@ -286,7 +346,12 @@ def encode_example(processor: Processor, example: Example, *, max_length: int | 
     pixel_values = image_sizes = None
     counts: list[int] = []
     if example.images:
-        pixel_values, image_sizes = processor.preprocess_images(example.images)
+        cached = None if image_cache is None or example.image_key is None else image_cache.get(example.image_key)
+        if cached is None:
+            cached = processor.preprocess_images(example.images)
+            if image_cache is not None and example.image_key is not None:
+                image_cache[example.image_key] = cached
+        pixel_values, image_sizes = cached
         counts = [processor.num_image_tokens(size) for size in image_sizes.tolist()]
     image_id = processor.image_token_id
     found = encoding.ids.count(image_id)

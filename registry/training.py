@@ -133,6 +133,11 @@ class DataConfig(BaseModel):
     path: str | None = Field(default=None, description="llava-json: the JSON or JSONL file")
     image_folder: str | None = Field(default=None, description="llava-json: images are relative to it")
     max_length: int | None = Field(default=None, gt=0, description="refuse longer examples (tokens, images included)")
+    samples_per_scene: int = Field(
+        default=1, ge=1,
+        description="synthetic-shapes: consecutive samples that show one scene, each with its own question (the "
+        "scene is rendered and resized once for all of them, and a batch asks several things of one image)",
+    )
     workers: int = Field(
         default=0, ge=0,
         description="threads that render and encode the next steps' batches while the current step computes "
@@ -143,6 +148,8 @@ class DataConfig(BaseModel):
     def _path_for_json(self) -> DataConfig:
         if self.source == "llava-json" and not self.path:
             raise ValueError("source 'llava-json' needs path: the dataset's .json or .jsonl file")
+        if self.source != "synthetic-shapes" and self.samples_per_scene != 1:
+            raise ValueError("samples_per_scene is a synthetic-shapes setting; a llava-json record has its own image")
         return self
 
 
@@ -234,7 +241,8 @@ def make_source(data: DataConfig):
 
     if data.source == "synthetic-shapes":
         return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns, form_weights=data.form_weights,
-                                     balanced_negatives=data.balanced_negatives)
+                                     balanced_negatives=data.balanced_negatives,
+                                     samples_per_scene=data.samples_per_scene)
     return LlavaJsonDataset(data.path, data.image_folder)
 
 
@@ -411,9 +419,11 @@ def answer_batches(processor, source, stage: StageConfig, first_sample: int, *, 
 
     pad_id = processor.tokenizer.pad_token_id
     micro_batches = []
+    images: dict = {}  # examples that share a scene (samples_per_scene) preprocess it once
     for micro in range(stage.grad_accum):
         indices = example_indices(source, first_sample + micro * stage.batch_size, stage.batch_size, seed)
-        encoded = [encode_example(processor, source.example(i), max_length=max_length) for i in indices]
+        encoded = [encode_example(processor, source.example(i), max_length=max_length, image_cache=images)
+                   for i in indices]
         micro_batches.append(collate(encoded, pad_id))
     return micro_batches
 

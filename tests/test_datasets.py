@@ -214,3 +214,39 @@ def test_written_synthetic_dataset_matches_the_stream(tmp_path, processor):
     from_stream = SyntheticShapesSource(seed=6).example(1)
     assert from_file.messages == from_stream.messages
     assert encode_example(processor, from_file).input_ids == encode_example(processor, from_stream).input_ids
+
+
+def test_samples_of_one_scene_share_its_image_and_ask_their_own_questions(processor):
+    source = SyntheticShapesSource(seed=7, max_turns=1, samples_per_scene=4)
+    examples = [source.example(i) for i in range(8)]
+    # Samples 0-3 show scene 0, 4-7 scene 1: the same rendered image object and key within a scene.
+    assert all(e.images[0] is examples[0].images[0] for e in examples[:4])
+    assert examples[4].images[0] is not examples[0].images[0]
+    assert [e.image_key for e in examples] == [("synthetic-shapes", 7, 0)] * 4 + [("synthetic-shapes", 7, 1)] * 4
+    assert examples[0].images[0].tobytes() == SyntheticShapesSource(seed=7).example(0).images[0].tobytes()
+    assert "synthetic scene 1 (seed 7), sample 5" == examples[5].where
+    # Each sample draws its own question (one conversation each, not turns of one conversation).
+    questions = [e.messages[0]["content"] for e in examples]
+    assert all(len(e.messages) == 2 for e in examples)
+    assert len(set(questions[:4])) > 1 or len(set(questions[4:])) > 1
+    # A fresh source gives the same samples (a pure function of seed and index).
+    again = SyntheticShapesSource(seed=7, max_turns=1, samples_per_scene=4).example(6)
+    assert again.messages == examples[6].messages
+    # The tokenizer's text does not depend on how many samples a scene serves.
+    assert source.texts(5) == SyntheticShapesSource(seed=7, max_turns=1).texts(5)
+
+
+def test_examples_sharing_an_image_key_are_preprocessed_once(processor, monkeypatch):
+    source = SyntheticShapesSource(seed=7, max_turns=1, samples_per_scene=3)
+    calls = []
+    original = processor.preprocess_images
+    monkeypatch.setattr(processor, "preprocess_images", lambda images: calls.append(1) or original(images))
+    cache: dict = {}
+    shared = [encode_example(processor, source.example(i), image_cache=cache) for i in range(6)]
+    assert len(calls) == 2
+    alone = encode_example(processor, source.example(4))
+    assert len(calls) == 3  # without a cache nothing is shared
+    assert torch.equal(shared[4].pixel_values, alone.pixel_values)
+    assert shared[4].input_ids == alone.input_ids and shared[4].labels == alone.labels
+    with pytest.raises(ConfigError, match="samples_per_scene must be at least 1"):
+        SyntheticShapesSource(seed=7, samples_per_scene=0)

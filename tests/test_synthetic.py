@@ -210,3 +210,16 @@ def test_patch_labels_follow_the_stretch_of_a_base_tile():
         assert labels[row, col] == shapes.patch_class(item.shape, item.color)
     present = {shapes.PATCH_CLASSES[c] for c in labels.ravel() if c}
     assert present == {item.phrase for item in scene.shapes}
+
+
+def test_canvas_patch_labels_place_the_image_on_a_padded_canvas():
+    rng = shapes.scene_rng(21, 0)
+    scene = shapes.sample_scene(rng)
+    whole = scene.patch_labels(8, 8)
+    # The image fills the middle 8 of 12 patch columns (as AnyRes centres a resized image on its canvas):
+    # the two padding columns on each side are background and the middle is the image's own labels.
+    canvas = scene.canvas_patch_labels(8, 12, (0, 2, 8, 8))
+    assert canvas.shape == (8, 12)
+    assert (canvas[:, :2] == 0).all() and (canvas[:, 10:] == 0).all()
+    assert (canvas[:, 2:10] == whole).all()
+    assert (scene.canvas_patch_labels(8, 8, (0, 0, 8, 8)) == whole).all()

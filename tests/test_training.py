@@ -161,6 +161,8 @@ def test_finite_datasets_are_reshuffled_each_epoch():
     ({"stages": [{"name": "s", "steps": 0, "lr": 1e-3}]}, r"stages.0.steps"),
     ({"tokenizer": {"vocab_size": 300, "path": "x"}}, "either path .* or vocab_size"),
     ({"data": {"source": "llava-json"}}, "needs path"),
+    ({"data": {"source": "llava-json", "path": "d.jsonl", "samples_per_scene": 2}}, "samples_per_scene is a synthetic-shapes setting"),
+    ({"data": {"source": "synthetic-shapes", "samples_per_scene": 0}}, r"data.samples_per_scene"),
 ])
 def test_bad_configs_name_the_field(tmp_path, change, message):
     config = tiny_training_config(tmp_path, **{"stages": [stage()], **change})
@@ -320,3 +322,17 @@ def test_stage_form_weights_need_the_synthetic_source(tmp_path):
                                   stages=[stage(form_weights={"count": 2.0})])
     with pytest.raises(ConfigError, match="only the synthetic-shapes source has"):
         train(config, progress=False)
+
+
+def test_a_step_resizes_each_shared_scene_once(tmp_path, monkeypatch):
+    model = tiny_model_with_processor(tmp_path)
+    calls = []
+    original = model.processor.preprocess_images
+    monkeypatch.setattr(model.processor, "preprocess_images", lambda images: calls.append(1) or original(images))
+    settings = StageConfig(name="s", steps=1, batch_size=3, grad_accum=2, lr=1e-3)
+    source = SyntheticShapesSource(0, max_turns=1, samples_per_scene=2)
+    batches = answer_batches(model.processor, source, settings, 0, seed=0, max_length=None)
+    assert len(calls) == 3  # six samples, three scenes, across both micro-batches
+    assert [b["input_ids"].shape[0] for b in batches] == [3, 3]
+    assert torch.equal(batches[0]["pixel_values"][0], batches[0]["pixel_values"][1])  # samples 0 and 1: scene 0
+    assert torch.equal(batches[0]["pixel_values"][2], batches[1]["pixel_values"][0])  # samples 2 and 3: scene 1
