@@ -31,7 +31,6 @@ from llavakit.core.kv_cache import KVCache
 FUSED_BACKENDS = frozenset({"sdpa", "flash"})
 
 
-
 class LlamaConfig(BaseModel):
     """Options of the ``llama`` decoder (presets override a subset)."""
 
@@ -225,7 +224,8 @@ class LlamaDecoder(LanguageModel):
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
-        if (weights.fused is not None or weights.norms is not None) and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
+        fast = weights.fused is not None or weights.norms is not None
+        if fast and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
             starts = self._attended_from(attention_mask, batch, kv_cache.length + 1)
             if starts is not None:
                 step = self._fused_step if weights.fused is not None else self._glued_step
@@ -250,7 +250,7 @@ class LlamaDecoder(LanguageModel):
 
     def _attended_from(self, attention_mask, batch: int, k_len: int) -> np.ndarray | None:
         """Each row's first attended cache position (int64 ``[B]``) when the mask of a decode step is plain left
-        padding (every position from the first attended one on is attended), which the fused layer handles;
+        padding (every position from the first attended one on is attended), which the numba paths handle;
         ``None`` for any other mask or a sliding window that cuts in, which go through the general path."""
         if self.sliding_window is not None and k_len > self.sliding_window:
             return None
