@@ -263,21 +263,28 @@ class LlamaDecoder(LanguageModel):
             return None
         return starts.cpu().numpy().astype(np.int64)
 
-    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
-        """Every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
-        from llavakit.plugins.llama_kernels import as_cache_array, run_layers
+    @staticmethod
+    def _kernel_arrays(kv_cache: KVCache, cos, sin) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+        """What the numba kernels of a step read: the per-layer cache arrays (made once per cache, after checking
+        there is room for the step) and the step's rotary tables as float32 ``[B, head_dim]``."""
+        from llavakit.plugins.llama_kernels import as_cache_array
 
         kv_cache.check_room(1)
-        state = x.to(torch.float32, copy=True).numpy()
         arrays = kv_cache.views.get("numba")
         if arrays is None:
             arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
                                                 [as_cache_array(v) for v in kv_cache.values])
-        keys, values = arrays
+        return (*arrays, cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy())
+
+    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
+        """Every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
+        from llavakit.plugins.llama_kernels import run_layers
+
+        keys, values, cos, sin = self._kernel_arrays(kv_cache, cos, sin)
+        state = x.to(torch.float32, copy=True).numpy()
         run_layers(state, weights.fused, keys, values, bf16=x.dtype == torch.bfloat16,
                    eps=self.config.rms_norm_eps, scale=self.layers[0].self_attn.scale, num_heads=self.config.num_heads,
-                   position=kv_cache.length, starts=starts, cos=cos[:, 0].float().contiguous().numpy(),
-                   sin=sin[:, 0].float().contiguous().numpy())
+                   position=kv_cache.length, starts=starts, cos=cos, sin=sin)
         kv_cache.advance(1)
         hidden = torch.from_numpy(state).to(x.dtype)
         return weights.lm_head(self.norm(hidden))[0]
@@ -287,9 +294,9 @@ class LlamaDecoder(LanguageModel):
         norms and residuals, rotary, the cache write and attention, and the gated activation
         (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
         from llavakit.core.gemv import as_matrix
-        from llavakit.plugins.llama_kernels import as_cache_array, attend_rows, kernel_threads, residual_norm, silu_gate
+        from llavakit.plugins.llama_kernels import attend_rows, kernel_threads, residual_norm, silu_gate
 
-        kv_cache.check_room(1)
+        keys, values, cos, sin = self._kernel_arrays(kv_cache, cos, sin)
         config, dtype = self.config, x.dtype
         bf16, batch, eps = dtype == torch.bfloat16, x.shape[0], np.float32(config.rms_norm_eps)
         scale = np.float32(self.layers[0].self_attn.scale)
@@ -299,12 +306,6 @@ class LlamaDecoder(LanguageModel):
         activated = x.new_empty(batch, config.intermediate_size)
         hidden_words, attended_words, activated_words = as_matrix(hidden), as_matrix(attended), as_matrix(activated)
         no_delta = hidden_words[:0]
-        arrays = kv_cache.views.get("numba")
-        if arrays is None:
-            arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
-                                                [as_cache_array(v) for v in kv_cache.values])
-        keys, values = arrays
-        cos, sin = cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy()
         norms = weights.norms
         with kernel_threads():
             residual_norm(state, no_delta, norms[0], eps, bf16, hidden_words)
