@@ -34,7 +34,8 @@ from numba.extending import intrinsic, overload
 #: Rows per parallel work item: small enough to balance two cores on a 512-row matrix, large enough that
 #: scheduling costs nothing next to the row loads.
 ROW_BLOCK = 64
-# numba's default threading layer (workqueue) must not be entered from two threads at once.
+# numba's workqueue threading layer (its fallback where no OpenMP or TBB runtime loads) must not be entered
+# from two threads at once; every parallel launch here takes this lock.
 launch_lock = threading.Lock()
 
 

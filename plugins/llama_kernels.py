@@ -203,7 +203,7 @@ def silu_gate(gate_up, bf16, out):  # pragma: no cover - compiled
 
 @contextlib.contextmanager
 def kernel_threads() -> Iterator[None]:
-    """Hold numba's launch lock (its default threading layer must not be entered from two threads at once) with
+    """Hold numba's launch lock (its workqueue threading layer must not be entered from two threads at once) with
     as many numba threads as torch uses, for a run of parallel kernel calls."""
     with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
