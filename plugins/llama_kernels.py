@@ -49,6 +49,19 @@ def _rms_norm(x, weight, eps, bf16):  # pragma: no cover - compiled
 
 
 @njit(inline="always", fastmath=True)
+def _add_residual(x, delta, bf16):  # pragma: no cover - compiled
+    """``x += delta`` for one row (``delta`` float32 or bf16 words), rounded as PyTorch's residual add rounds."""
+    for i in range(x.shape[0]):
+        x[i] = _round(x[i] + widen(delta[i]), bf16)
+
+
+@njit(inline="always", fastmath=True)
+def _silu_times(gate, up, bf16):  # pragma: no cover - compiled
+    """``silu(gate) * up`` with PyTorch's bf16 roundings (after the SiLU and after the product)."""
+    return _round(_round(gate / (np.float32(1.0) + np.exp(-gate)), bf16) * up, bf16)
+
+
+@njit(inline="always", fastmath=True)
 def _rotate_and_store(qkv, cos, sin, rotated, keys, values, position, num_heads, bf16):  # pragma: no cover - compiled
     """Rotary (rotate-half) on every q and k head of one row's ``qkv`` (float32 or bf16 words) into
     ``rotated`` (float32 ``[q + kv]``); its rotated key and its value go into the row's cache at ``position``."""
@@ -132,8 +145,7 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
         for b in range(batch):
             gemv_rows(w_out, attended[b], projected[b], block, bf16)
     for b in range(batch):
-        for i in range(hidden):
-            x[b, i] = _round(x[b, i] + projected[b, i], bf16)
+        _add_residual(x[b], projected[b], bf16)
         h[b] = _rms_norm(x[b], post_norm, eps, bf16)
 
     gate_up = np.empty((batch, w_gate_up.shape[0]), np.float32)
@@ -144,14 +156,12 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
     activated = np.empty((batch, inner), np.float32)
     for b in range(batch):
         for i in range(inner):
-            gate = gate_up[b, i]
-            activated[b, i] = _round(_round(gate / (np.float32(1.0) + np.exp(-gate)), bf16) * gate_up[b, inner + i], bf16)
+            activated[b, i] = _silu_times(gate_up[b, i], gate_up[b, inner + i], bf16)
     for block in prange((w_down.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for b in range(batch):
             gemv_rows(w_down, activated[b], projected[b], block, bf16)
     for b in range(batch):
-        for i in range(hidden):
-            x[b, i] = _round(x[b, i] + projected[b, i], bf16)
+        _add_residual(x[b], projected[b], bf16)
 
 
 # ---------------------------------------------------------------- batches: oneDNN products, fused glue between them
@@ -167,8 +177,7 @@ def residual_norm(x, delta, weight, eps, bf16, out):  # pragma: no cover - compi
     ``out = RMSNorm(x)`` (float32 or bf16 words) for every row of ``x`` (float32 ``[B, hidden]``)."""
     for b in range(x.shape[0]):
         if delta.shape[0]:
-            for i in range(x.shape[1]):
-                x[b, i] = _round(x[b, i] + widen(delta[b, i]), bf16)
+            _add_residual(x[b], delta[b], bf16)
         normed = _rms_norm(x[b], weight, eps, bf16)
         for i in range(x.shape[1]):
             out[b, i] = narrow(normed[i], out[0, 0])
@@ -196,9 +205,7 @@ def silu_gate(gate_up, bf16, out):  # pragma: no cover - compiled
     inner = out.shape[1]
     for b in range(out.shape[0]):
         for i in range(inner):
-            gate = widen(gate_up[b, i])
-            value = _round(_round(gate / (np.float32(1.0) + np.exp(-gate)), bf16) * widen(gate_up[b, inner + i]), bf16)
-            out[b, i] = narrow(value, out[0, 0])
+            out[b, i] = narrow(_silu_times(widen(gate_up[b, i]), widen(gate_up[b, inner + i]), bf16), out[0, 0])
 
 
 @contextlib.contextmanager
