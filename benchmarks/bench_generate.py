@@ -159,20 +159,22 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int, device: torch.de
           f"2-token generate ({fused}) {first_s:.2f} s")
     for run in (decode(ours, True), decode(theirs, False)):
         run()  # warm up: thread pools, weight packing, allocator
-    with torch.inference_mode():
-        greedy_ours = ours.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, PROMPT_TOKENS:]
-    greedy_theirs = theirs.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, PROMPT_TOKENS:]
-    same = int((greedy_ours == greedy_theirs).int().cumprod(0).sum())
-    print(f"  greedy tokens equal to transformers' for the first {same} of 32")
-    with torch.inference_mode():
-        rows_ours = ours.generate(batch, max_new_tokens=32, eos_token_id=[])[:, PROMPT_TOKENS:]
-    generated = theirs.generate(batch, max_new_tokens=32, min_new_tokens=32, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    rows_theirs = generated.sequences[:, PROMPT_TOKENS:].to(rows_ours.device)
-    rows_same = (rows_ours == rows_theirs).int().cumprod(1).sum(1).tolist()
-    # Where a row first differs, how far apart transformers' own scores put its token and ours (0: a tie).
-    gaps = [float(generated.scores[step][row].float().max() - generated.scores[step][row, rows_ours[row, step]].float())
-            for row, step in enumerate(rows_same) if step < 32]
+    def greedy_parity(inputs: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Per row, how many of 32 greedy tokens equal transformers' before the first difference; and where a
+        row differs, how far apart transformers' own scores put its token and ours (0: a tie)."""
+        with torch.inference_mode():
+            rows_ours = ours.generate(inputs, max_new_tokens=32, eos_token_id=[])[:, PROMPT_TOKENS:]
+        generated = theirs.generate(inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                    output_scores=True, return_dict_in_generate=True)
+        rows_theirs = generated.sequences[:, PROMPT_TOKENS:].to(rows_ours.device)
+        rows_same = (rows_ours == rows_theirs).int().cumprod(1).sum(1).tolist()
+        gaps = [float(generated.scores[step][row].float().max() - generated.scores[step][row, rows_ours[row, step]].float())
+                for row, step in enumerate(rows_same) if step < 32]
+        return rows_same, gaps
+
+    same, _ = greedy_parity(prompt)
+    print(f"  greedy tokens equal to transformers' for the first {same[0]} of 32")
+    rows_same, gaps = greedy_parity(batch)
     ties = f"; where rows differ, transformers scored our token within {max(gaps):.4f} of its own" if gaps else ""
     print(f"  batch {BATCH}: greedy tokens equal to transformers' in {sum(s == 32 for s in rows_same)} of {BATCH} rows "
           f"(all 32 tokens){ties}")

@@ -346,11 +346,12 @@ def encode_example(processor: Processor, example: Example, *, max_length: int | 
     pixel_values = image_sizes = None
     counts: list[int] = []
     if example.images:
-        cached = None if image_cache is None or example.image_key is None else image_cache.get(example.image_key)
+        key = example.image_key if image_cache is not None else None
+        cached = image_cache.get(key) if key is not None else None
         if cached is None:
             cached = processor.preprocess_images(example.images)
-            if image_cache is not None and example.image_key is not None:
-                image_cache[example.image_key] = cached
+            if key is not None:
+                image_cache[key] = cached
         pixel_values, image_sizes = cached
         counts = [processor.num_image_tokens(size) for size in image_sizes.tolist()]
     image_id = processor.image_token_id
