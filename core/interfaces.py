@@ -148,8 +148,10 @@ class LanguageModel(nn.Module, ABC):
     ) -> torch.Tensor:
         """Run the decoder over ``[B, L, D]`` embeddings and return final hidden states ``[B, L, D]``.
 
-        ``position_ids`` is ``[B, L]`` (rotary positions). ``attention_mask`` is ``None`` or a ``[B, K]``
-        0/1 padding mask over every key position seen so far (cached + new, ``K = cache length + L``).
+        ``position_ids`` is ``[B, L]`` (rotary positions). ``attention_mask`` is ``None``, a ``[B, K]``
+        0/1 padding mask over every key position seen so far (cached + new, ``K = cache length + L``), or a
+        boolean ``[B, 1, L, K]`` mask (``True`` where a query may attend) used exactly as given, causality
+        included: the form of packed training sequences whose parts must not see each other.
         With a ``kv_cache`` the new keys/values are appended to it and the cache is advanced by ``L``.
         """
 

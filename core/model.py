@@ -201,7 +201,14 @@ class LlavaNextModel(nn.Module):
         ``position_ids`` default to the running count of attended tokens, so a left-padded row gets the
         same positions as the unpadded prompt alone (equal to ``arange`` when nothing is padded).
         ``logits_to_keep=n`` computes only the last ``n`` positions' logits (generation needs one).
+        ``attention_mask`` may also be a boolean ``[B, 1, L, K]`` mask used as given (packed training sequences,
+        see :func:`llavakit.registry.datasets.collate`); ``position_ids`` must then be given too.
         """
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
+            raise ConfigError(
+                "a 4-D attention_mask states which tokens see which, not their positions; pass position_ids "
+                "([batch, length]) with it"
+            )
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:

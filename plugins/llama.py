@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from llavakit.core.attention import AttentionBackend
+from llavakit.core.errors import ConfigError
 from llavakit.core.hooks import hookimpl
 from llavakit.core.interfaces import LanguageModel
 from llavakit.core.kv_cache import KVCache
@@ -191,9 +192,26 @@ class LlamaDecoder(LanguageModel):
         return self.embed_tokens(input_ids)
 
     def _mask(self, attention_mask, q_len: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
-        """Combine causality, padding and the sliding window into one boolean mask (or a plain causal flag)."""
+        """Combine causality, padding and the sliding window into one boolean mask (or a plain causal flag).
+
+        A ``[B, 1, q_len, k_len]`` mask is the caller's whole attention pattern (a packed sequence's tree, say)
+        and is used as given, narrowed only by the sliding window.
+        """
         k_len = past + q_len
         needs_window = self.sliding_window is not None and k_len > self.sliding_window
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape[1:] != (1, q_len, k_len) or attention_mask.dtype != torch.bool:
+                raise ConfigError(
+                    f"a 4-D attention_mask must be boolean [batch, 1, {q_len}, {k_len}] (queries × every key, "
+                    f"True where attention is allowed), got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+                )
+            if needs_window:
+                raise ConfigError(
+                    f"a 4-D attention_mask over {k_len} keys meets the sliding window of {self.sliding_window}: "
+                    "the window counts positions, which such a mask does not state; fold the window into the mask "
+                    "and pass the sequence in pieces no longer than the window, or set sliding_window to null"
+                )
+            return attention_mask, False
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not padded and not needs_window:
             # Decode steps see every cached key; a fresh prefill is plain causal.
@@ -256,6 +274,8 @@ class LlamaDecoder(LanguageModel):
             return None
         if attention_mask is None:
             return np.zeros(batch, dtype=np.int64)
+        if attention_mask.dim() != 2:
+            return None
         attended = attention_mask[:, :k_len].bool()
         # The first attended position of each row, and whether everything after it is attended too.
         starts = torch.where(attended.any(1), attended.int().argmax(1), k_len - 1)

@@ -252,6 +252,31 @@ def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | No
     raise ValueError(f"unknown question form {form!r}; use one of {', '.join(FORMS)}")
 
 
+def every_question(scene: Scene, rng: random.Random, *, balanced_negatives: bool = False) -> list[QuestionAnswer]:
+    """Every question ``scene`` answers, for training with independent turns: the colour of each shape that
+    is unique in it, the shape of each colour that is unique, the count, the description, and "Is there …?"
+    for each shape present and for as many absent (shape, colour) pairs (mostly near misses, see
+    :func:`_absent_pair`), so yes and no stay even. In a random order."""
+    turns: list[QuestionAnswer] = []
+    for item in scene.shapes:
+        if sum(o.shape == item.shape for o in scene.shapes) == 1:
+            turns.append(QuestionAnswer("color", f"What color is the {item.shape}?", f"{item.color.capitalize()}."))
+        if sum(o.color == item.color for o in scene.shapes) == 1:
+            turns.append(QuestionAnswer("shape", f"What shape is {item.color}?", f"A {item.shape}."))
+    turns.append(QuestionAnswer("count", "How many shapes are there?", f"{len(scene.shapes)}."))
+    turns.append(QuestionAnswer("describe", "Describe the image.", describe(scene)))
+    absent: set[tuple[str, str]] = set()
+    for _ in range(50):  # distinct absent pairs, as many as there are shapes (a handful of draws suffices)
+        if len(absent) == len(scene.shapes):
+            break
+        absent.add(_absent_pair(scene, rng, balanced=balanced_negatives))
+    pairs = [((item.shape, item.color), True) for item in scene.shapes] + [(pair, False) for pair in sorted(absent)]
+    for (shape, color), truth in pairs:
+        turns.append(QuestionAnswer("exists", f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No."))
+    rng.shuffle(turns)
+    return turns
+
+
 def _absent_pair(scene: Scene, rng: random.Random, *, balanced: bool = False) -> tuple[str, str]:
     """A (shape, colour) not in the scene; mostly a near miss sharing the shape or the colour of a present one,
     so answering needs the binding of colour to shape, not just either alone.

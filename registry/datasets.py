@@ -53,6 +53,9 @@ class Example:
     #: Identifies the images: examples with the same key share them, so their preprocessing is done once
     #: (see ``image_cache`` of :func:`encode_example`). ``None``: never shared.
     image_key: Any = None
+    #: Several conversations about the same images, trained as one packed sequence (see :func:`encode_example`);
+    #: ``messages`` is then the first of them. ``None``: the example is ``messages`` alone.
+    branches: list[list[dict[str, str]]] | None = None
 
 
 @dataclass
@@ -61,6 +64,10 @@ class EncodedExample:
     labels: list[int]
     pixel_values: torch.Tensor | None  # [num_images, max_tiles, 3, S, S]
     image_sizes: torch.Tensor | None  # [num_images, 2]
+    #: A packed example's rotary positions and its tokens' parts: 0 for the shared prompt, ``i + 1`` for branch
+    #: ``i``, which sees the prompt and itself only. ``None``: one conversation, positions ``0 … n-1``.
+    position_ids: list[int] | None = None
+    segments: list[int] | None = None
 
 
 class ExampleSource(Protocol):
@@ -204,12 +211,16 @@ class SyntheticShapesSource:
     its own drawn from its own random stream: the scene is rendered once and (through ``image_key``) preprocessed
     once for all of them, and one batch holds several questions about the same image, which only reading the
     question tells apart.
+    With ``independent_turns`` each question of a conversation becomes a single-turn conversation of its own
+    (``Example.branches``): trained packed, every answer sees the image and its own question only, so a scene
+    teaches several answers for one pass over its image tokens and none can be copied from another.
     """
 
     size = None
 
     def __init__(self, seed: int = 0, max_turns: int | None = None, form_weights: dict[str, float] | None = None,
-                 balanced_negatives: bool = False, samples_per_scene: int = 1):
+                 balanced_negatives: bool = False, samples_per_scene: int = 1, independent_turns: bool = False,
+                 every_question: bool = False):
         from llavakit.plugins import synthetic_shapes
 
         if samples_per_scene < 1:
@@ -219,6 +230,11 @@ class SyntheticShapesSource:
         self.form_weights = dict(form_weights or {})
         self.balanced_negatives = balanced_negatives
         self.samples_per_scene = samples_per_scene
+        self.independent_turns = independent_turns
+        if every_question and not independent_turns:
+            raise ConfigError("every_question needs independent_turns: in one conversation later answers could be "
+                              "copied from earlier ones")
+        self.every_question = every_question
         self._task = synthetic_shapes
         self._rendered: dict[int, Image.Image] = {}
         self._lock = threading.Lock()
@@ -234,6 +250,8 @@ class SyntheticShapesSource:
         return scene, self._draw(scene, rng)
 
     def _draw(self, scene, rng):
+        if self.every_question:
+            return self._task.every_question(scene, rng, balanced_negatives=self.balanced_negatives)
         return self._task.training_conversation(scene, rng, self.max_turns, self.form_weights,
                                                 balanced_negatives=self.balanced_negatives)
 
@@ -275,8 +293,9 @@ class SyntheticShapesSource:
         where = f"synthetic scene {scene_index} (seed {self.seed})"
         if self.samples_per_scene > 1:
             where += f", sample {index}"
-        return Example(images=[self._render(scene_index, scene)], messages=self._messages(turns), where=where,
-                       image_key=("synthetic-shapes", self.seed, scene_index))
+        branches = [self._messages([turn]) for turn in turns] if self.independent_turns else None
+        return Example(images=[self._render(scene_index, scene)], messages=self._messages(turns[:1] if branches else turns),
+                       where=where, image_key=("synthetic-shapes", self.seed, scene_index), branches=branches)
 
     def texts(self, limit: int) -> list[list[dict[str, str]]]:
         """One conversation for each of the first ``limit`` scenes, whatever ``samples_per_scene`` is (the
@@ -333,7 +352,22 @@ def encode_example(processor: Processor, example: Example, *, max_length: int | 
 
     ``image_cache`` (a dict the caller keeps, e.g. for one batch) holds the preprocessed images of examples
     with an ``image_key``, so examples sharing a scene resize it once: resizing is most of the data cost.
+
+    An example with ``branches`` is packed: each branch is encoded as the whole conversation it is, then the
+    longest token prefix they all share (which must hold every image) is kept once and the branches' remaining
+    tokens follow one another. Each branch keeps the positions it has alone and, through the mask
+    :func:`collate` builds from ``segments``, sees only the shared prefix and itself, so its loss is exactly
+    the loss of training on it alone, while the image tokens, most of the sequence, are computed once.
     """
+    if example.branches is not None:
+        return _encode_branches(processor, example, max_length=max_length, image_cache=image_cache)
+    encoded = _encode_conversation(processor, example, image_cache)
+    _check_length(encoded.input_ids, example.where, max_length)
+    return encoded
+
+
+def _encode_conversation(processor: Processor, example: Example,
+                         image_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None) -> EncodedExample:
     text, spans = answer_spans(processor, example.messages, example.where)
     tokenizer = processor.tokenizer
     bos = tokenizer.bos_token
@@ -368,19 +402,63 @@ def encode_example(processor: Processor, example: Example, *, max_length: int | 
         repeat = next(images) if token == image_id else 1
         input_ids.extend([token] * repeat)
         expanded_labels.extend([IGNORE_INDEX if token == image_id else label] * repeat)
-    if max_length is not None and len(input_ids) > max_length:
-        raise ContextLengthError(
-            f"{example.where}: the example is {len(input_ids)} tokens long (images included), more than "
-            f"max_length={max_length}; shorten the conversation or raise the training config's max_length"
-        )
     if all(label == IGNORE_INDEX for label in expanded_labels):
         raise DatasetError(f"{example.where}: no answer tokens to learn from (every assistant turn is empty)")
     return EncodedExample(input_ids, expanded_labels, pixel_values, image_sizes)
 
 
+def _check_length(input_ids: Sequence[int], where: str, max_length: int | None) -> None:
+    if max_length is not None and len(input_ids) > max_length:
+        raise ContextLengthError(
+            f"{where}: the example is {len(input_ids)} tokens long (images included), more than "
+            f"max_length={max_length}; shorten the conversation or raise the training config's max_length"
+        )
+
+
+def _encode_branches(processor: Processor, example: Example, *, max_length: int | None,
+                     image_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None) -> EncodedExample:
+    """The packed form of an example with ``branches`` (see :func:`encode_example`)."""
+    if not example.branches:
+        raise DatasetError(f"{example.where}: branches is an empty list; give at least one conversation")
+    # The branches show the same images: preprocess them once, in the caller's cache when the images have a
+    # key, else in one of this example's own.
+    key = example.image_key if example.image_key is not None else "shared images"
+    cache = image_cache if image_cache is not None and example.image_key is not None else {}
+    parts = [
+        _encode_conversation(processor, Example(example.images, messages, f"{example.where}, branch {index}", key), cache)
+        for index, messages in enumerate(example.branches)
+    ]
+    shared = min(len(part.input_ids) for part in parts)
+    for part in parts[1:]:
+        shared = next((i for i, (a, b) in enumerate(zip(parts[0].input_ids[:shared], part.input_ids)) if a != b), shared)
+    # Each branch starts with at least one unlabelled token: the loss of a branch's first label is read off
+    # the token just before it in the packed row, which must be that branch's own.
+    first_labels = [next(i for i, label in enumerate(part.labels) if label != IGNORE_INDEX) for part in parts]
+    shared = min(shared, min(first_labels) - 1)
+    image_id = processor.image_token_id
+    if any(image_id in part.input_ids[shared:] for part in parts):
+        raise DatasetError(
+            f"{example.where}: the branches differ before their last image token, so they cannot share the images; "
+            "give every branch the same prompt up to and including its images"
+        )
+    input_ids, labels = list(parts[0].input_ids[:shared]), [IGNORE_INDEX] * shared
+    position_ids, segments = list(range(shared)), [0] * shared
+    for index, part in enumerate(parts):
+        input_ids += part.input_ids[shared:]
+        labels += part.labels[shared:]
+        position_ids += range(shared, len(part.input_ids))
+        segments += [index + 1] * (len(part.input_ids) - shared)
+    _check_length(input_ids, example.where, max_length)
+    return EncodedExample(input_ids, labels, parts[0].pixel_values, parts[0].image_sizes, position_ids, segments)
+
+
 def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on padding) and,
-    when any example has images, ``pixel_values`` (tile axis zero-padded) and ``image_sizes``."""
+    when any example has images, ``pixel_values`` (tile axis zero-padded) and ``image_sizes``.
+
+    With a packed example (``segments``) in the batch, ``attention_mask`` is the boolean ``[B, 1, L, L]``
+    mask of every row (a token sees the earlier tokens of the shared prompt and of its own branch; a padding
+    token sees itself) and ``position_ids`` ``[B, L]`` comes along."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -391,6 +469,8 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.segments is not None for e in examples):
+        batch.update(_tree_mask(examples, length))
     with_images = [e for e in examples if e.pixel_values is not None]
     if with_images:
         tiles = max(e.pixel_values.shape[1] for e in with_images)
@@ -403,3 +483,18 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
         batch["pixel_values"] = pixel_values
         batch["image_sizes"] = torch.cat([e.image_sizes for e in with_images])
     return batch
+
+
+def _tree_mask(examples: Sequence[EncodedExample], length: int) -> dict[str, torch.Tensor]:
+    """``attention_mask`` ``[B, 1, L, L]`` and ``position_ids`` ``[B, L]`` of a batch holding packed examples."""
+    segments = torch.full((len(examples), length), -1, dtype=torch.long)  # -1: padding
+    position_ids = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        segments[row, :n] = torch.tensor(example.segments if example.segments is not None else [0] * n)
+        position_ids[row, :n] = torch.tensor(example.position_ids if example.position_ids is not None else range(n))
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool)  # a padding query sees itself (no empty softmax row)
+    return {"attention_mask": allowed[:, None], "position_ids": position_ids}

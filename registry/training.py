@@ -138,6 +138,19 @@ class DataConfig(BaseModel):
         description="synthetic-shapes: consecutive samples that show one scene, each with its own question (the "
         "scene is rendered and resized once for all of them, and a batch asks several things of one image)",
     )
+    independent_turns: bool = Field(
+        default=False,
+        description="synthetic-shapes: each question of a scene's conversation (max_turns of them) is its own "
+        "single-turn conversation, packed into one sequence behind the shared image prompt: a tree-shaped mask "
+        "lets every answer see the image and its own question only, so nothing can be copied between turns and "
+        "the image tokens are computed once for all of them",
+    )
+    every_question: bool = Field(
+        default=False,
+        description="synthetic-shapes, with independent_turns: each scene asks every question it answers (the colour "
+        "of each unique shape, the shape of each unique colour, the count, the description, 'Is there …?' for each "
+        "shape present and as many absent pairs) instead of one of each form",
+    )
     workers: int = Field(
         default=0, ge=0,
         description="threads that render and encode the next steps' batches while the current step computes "
@@ -150,6 +163,14 @@ class DataConfig(BaseModel):
             raise ValueError("source 'llava-json' needs path: the dataset's .json or .jsonl file")
         if self.source != "synthetic-shapes" and self.samples_per_scene != 1:
             raise ValueError("samples_per_scene is a synthetic-shapes setting; a llava-json record has its own image")
+        if self.every_question and not self.independent_turns:
+            raise ValueError("every_question needs independent_turns: true (in one conversation, later answers could "
+                             "be copied from earlier ones)")
+        if self.source != "synthetic-shapes" and self.independent_turns:
+            raise ValueError(
+                "independent_turns is a synthetic-shapes setting (a llava-json record's later turns carry no image "
+                "placeholder of their own); split such records into single-turn records instead"
+            )
         return self
 
 
@@ -242,7 +263,8 @@ def make_source(data: DataConfig):
     if data.source == "synthetic-shapes":
         return SyntheticShapesSource(seed=data.seed, max_turns=data.max_turns, form_weights=data.form_weights,
                                      balanced_negatives=data.balanced_negatives,
-                                     samples_per_scene=data.samples_per_scene)
+                                     samples_per_scene=data.samples_per_scene,
+                                     independent_turns=data.independent_turns, every_question=data.every_question)
     return LlavaJsonDataset(data.path, data.image_folder)
 
 

@@ -143,6 +143,11 @@ def test_flash_refuses_masks_it_cannot_express():
     sliding_window = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - 3)
     with pytest.raises(AttentionBackendError, match="sliding window.*Use attention='sdpa'"):
         FlashAttention().attend(q, k, v, mask=sliding_window[None, None], causal=False, scale=0.25)
+    # A packed training row (a shared prompt, then two branches that do not see each other).
+    segments = torch.tensor([0, 0, 1, 1, 2, 2])
+    tree = (positions[None, :] <= positions[:, None]) & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
+    with pytest.raises(AttentionBackendError, match="Use attention='sdpa'"):
+        FlashAttention().attend(q, k, v, mask=tree[None, None], causal=False, scale=0.25)
 
 
 def test_flash_refuses_devices_without_a_kernel_before_allocating(monkeypatch):

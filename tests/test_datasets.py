@@ -250,3 +250,87 @@ def test_examples_sharing_an_image_key_are_preprocessed_once(processor, monkeypa
     assert shared[4].input_ids == alone.input_ids and shared[4].labels == alone.labels
     with pytest.raises(ConfigError, match="samples_per_scene must be at least 1"):
         SyntheticShapesSource(seed=7, samples_per_scene=0)
+
+
+def test_independent_turns_are_packed_and_each_computes_what_it_computes_alone(model, processor):
+    source = SyntheticShapesSource(seed=3, independent_turns=True)
+    examples = [source.example(i) for i in range(3)]
+    plain = SyntheticShapesSource(seed=3)
+    for index, example in enumerate(examples):
+        # The branches are the turns of the scene's usual conversation, one single-turn conversation each.
+        turns = plain.example(index).messages
+        assert [m for branch in example.branches for m in branch][1::2] == turns[1::2]
+        assert all(len(branch) == 2 and branch[0]["content"].startswith("<image>\n") for branch in example.branches)
+        assert example.messages == example.branches[0]
+    encoded = [encode_example(processor, e) for e in examples]
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    length = batch["input_ids"].shape[1]
+    assert batch["attention_mask"].shape == (3, 1, length, length) and batch["attention_mask"].dtype == torch.bool
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    checked = 0
+    for row, (example, packed_example) in enumerate(zip(examples, encoded)):
+        segments = torch.tensor(packed_example.segments)
+        image_positions = [i for i, t in enumerate(packed_example.input_ids) if t == processor.image_token_id]
+        assert set(segments[image_positions].tolist()) == {0}  # the image tokens are computed once
+        for branch_index, messages in enumerate(example.branches):
+            alone = encode_example(processor, Example(example.images, messages, "alone"))
+            mine = ((segments == 0) | (segments == branch_index + 1)).nonzero().flatten().tolist()
+            assert [packed_example.input_ids[i] for i in mine] == alone.input_ids
+            assert [packed_example.labels[i] for i in mine] == alone.labels
+            assert [packed_example.position_ids[i] for i in mine] == list(range(len(alone.input_ids)))
+            with torch.no_grad():
+                logits = model(**collate([alone], processor.tokenizer.pad_token_id)).logits[0]
+            torch.testing.assert_close(packed[row, mine], logits, rtol=0, atol=1e-5)
+            checked += 1
+    assert checked >= 10
+    # The packed loss is the mean over every branch's answer tokens, so it trains.
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_every_question_comes_as_independent_turns(processor):
+    source = SyntheticShapesSource(seed=3, independent_turns=True, every_question=True, balanced_negatives=True)
+    example = source.example(2)
+    scene, rng = source._scene(2)
+    expected = synthetic_shapes.every_question(scene, rng, balanced_negatives=True)
+    assert [(b[0]["content"], b[1]["content"]) for b in example.branches] == [
+        ("<image>\n" + t.question, t.answer) for t in expected
+    ]
+    with pytest.raises(ConfigError, match="every_question needs independent_turns"):
+        SyntheticShapesSource(seed=3, every_question=True)
+
+
+def test_a_batch_may_mix_packed_and_plain_examples(model, processor):
+    plain = encode_example(processor, SyntheticShapesSource(seed=3).example(0))
+    packed = encode_example(processor, SyntheticShapesSource(seed=3, independent_turns=True).example(1))
+    batch = collate([plain, packed], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        mixed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        alone = model(**collate([plain], processor.tokenizer.pad_token_id)).logits
+    n = len(plain.input_ids)
+    torch.testing.assert_close(mixed[0, :n], alone[0], rtol=0, atol=1e-5)
+    # A padding query sees only itself; real queries never see padding.
+    mask = batch["attention_mask"][0, 0]
+    assert mask[n:].equal(torch.eye(mask.shape[0], dtype=torch.bool)[n:]) and not mask[:n, n:].any()
+
+
+def test_branches_must_share_their_images(processor):
+    image = Image.new("RGB", (40, 30), "white")
+    branches = [[{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A."}],
+                [{"role": "user", "content": "Say <image>\nWhat?"}, {"role": "assistant", "content": "B."}]]
+    with pytest.raises(DatasetError, match="record 4: the branches differ before their last image token"):
+        encode_example(processor, Example([image], branches[0], "record 4", branches=branches))
+    with pytest.raises(DatasetError, match="record 4: branches is an empty list"):
+        encode_example(processor, Example([image], branches[0], "record 4", branches=[]))
+
+
+def test_a_four_dimensional_mask_needs_positions_and_the_right_shape(model):
+    ids = torch.tensor([[5, 6, 7]])
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+    with pytest.raises(ConfigError, match="pass position_ids"):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ConfigError, match=r"must be boolean \[batch, 1, 3, 3\].*torch.int64 \(1, 1, 3, 3\)"):
+        model(ids, attention_mask=mask.long(), position_ids=torch.arange(3)[None])
+    # The same causal pattern as a 4-D mask gives the plain causal result.
+    torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=torch.arange(3)[None]).logits,
+                               model(ids).logits, rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llavakit.core.errors import ConfigError
 from llavakit.registry import build_model
 
 LLM = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=2,
@@ -200,3 +201,14 @@ def test_fused_step_leaves_eager_as_the_reference_and_checks_the_cache_room():
     llm._fused_step = lambda *args: calls.append(1) or original(*args)
     step_both_ways(llm, 1, padded=False)
     assert not calls  # eager is the reference math (and a plugin's backend is never bypassed either)
+
+
+def test_a_four_dimensional_mask_is_refused_where_a_sliding_window_cuts_in():
+    llm = decoder(sliding_window=6)
+    embeds = llm.embed(torch.arange(5, 13)[None])
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    with pytest.raises(ConfigError, match="meets the sliding window of 6"):
+        llm(embeds, position_ids=torch.arange(8)[None], attention_mask=mask)
+    # Within the window the mask is used as given.
+    short = llm(embeds[:, :6], position_ids=torch.arange(6)[None], attention_mask=mask[..., :6, :6])
+    torch.testing.assert_close(short, llm(embeds[:, :6], position_ids=torch.arange(6)[None]), rtol=0, atol=1e-5)

@@ -145,6 +145,35 @@ def test_training_conversations_cover_each_applicable_form_once():
         assert len(forms) == len(set(forms)) and {"count", "exists", "describe"} <= set(forms)
 
 
+def test_every_question_asks_each_question_a_scene_answers_once():
+    rng = random.Random(2)
+    for scene in SCENES[:100]:
+        turns = shapes.every_question(scene, rng, balanced_negatives=True)
+        questions = [t.question for t in turns]
+        assert len(questions) == len(set(questions))
+        by_form = Counter(t.form for t in turns)
+        unique_shapes = {s.shape for s in scene.shapes if [o.shape for o in scene.shapes].count(s.shape) == 1}
+        unique_colours = {s.color for s in scene.shapes if [o.color for o in scene.shapes].count(s.color) == 1}
+        assert {t.question for t in turns if t.form == "color"} == {f"What color is the {s}?" for s in unique_shapes}
+        assert {t.question for t in turns if t.form == "shape"} == {f"What shape is {c}?" for c in unique_colours}
+        assert by_form["count"] == by_form["describe"] == 1
+        # "Is there …?" for every shape present, and as many absent pairs.
+        answers = Counter(t.answer for t in turns if t.form == "exists")
+        assert answers == Counter({"Yes.": len(scene.shapes), "No.": len(scene.shapes)})
+        for qa in turns:  # each answer is the one ask() gives for that question
+            if qa.form == "color":
+                item = next(s for s in scene.shapes if qa.question == f"What color is the {s.shape}?")
+                assert qa.answer == item.color.capitalize() + "."
+            elif qa.form == "shape":
+                item = next(s for s in scene.shapes if qa.question == f"What shape is {s.color}?")
+                assert qa.answer == f"A {item.shape}."
+            elif qa.form == "exists":
+                present = any(qa.question == f"Is there {shapes.with_article(s.phrase)}?" for s in scene.shapes)
+                assert qa.answer == ("Yes." if present else "No.")
+            elif qa.form == "describe":
+                assert qa.answer == shapes.describe(scene)
+
+
 def test_training_conversations_can_be_capped():
     for index in range(20):
         full_rng, capped_rng = shapes.scene_rng(3, index), shapes.scene_rng(3, index)

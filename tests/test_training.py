@@ -163,6 +163,9 @@ def test_finite_datasets_are_reshuffled_each_epoch():
     ({"data": {"source": "llava-json"}}, "needs path"),
     ({"data": {"source": "llava-json", "path": "d.jsonl", "samples_per_scene": 2}}, "samples_per_scene is a synthetic-shapes setting"),
     ({"data": {"source": "synthetic-shapes", "samples_per_scene": 0}}, r"data.samples_per_scene"),
+    ({"data": {"source": "llava-json", "path": "d.jsonl", "independent_turns": True}},
+     "independent_turns is a synthetic-shapes setting"),
+    ({"data": {"source": "synthetic-shapes", "every_question": True}}, "every_question needs independent_turns"),
 ])
 def test_bad_configs_name_the_field(tmp_path, change, message):
     config = tiny_training_config(tmp_path, **{"stages": [stage()], **change})
@@ -336,3 +339,20 @@ def test_a_step_resizes_each_shared_scene_once(tmp_path, monkeypatch):
     assert [b["input_ids"].shape[0] for b in batches] == [3, 3]
     assert torch.equal(batches[0]["pixel_values"][0], batches[0]["pixel_values"][1])  # samples 0 and 1: scene 0
     assert torch.equal(batches[0]["pixel_values"][2], batches[1]["pixel_values"][0])  # samples 2 and 3: scene 1
+
+
+def test_independent_turns_train_every_question_of_a_scene_in_one_row(tmp_path):
+    data = {"source": "synthetic-shapes", "independent_turns": True, "every_question": True, "balanced_negatives": True}
+    config = tiny_training_config(tmp_path, data=data, stages=[stage(steps=3)])
+    final = train(config, progress=False)
+    log = read_log(final.parent / "log.jsonl")
+    # Each logged step counts the answer tokens of every branch of its two scenes.
+    from llavakit.registry.datasets import encode_example
+
+    model = load_model(final)
+    source = SyntheticShapesSource(0, independent_turns=True, every_question=True, balanced_negatives=True)
+    expected = [sum(sum(label != -100 for label in encode_example(model.processor, source.example(i)).labels[1:])
+                    for i in (2 * step, 2 * step + 1)) for step in range(3)]
+    assert [entry["answer_tokens"] for entry in log] == expected
+    assert all(math.isfinite(entry["loss"]) for entry in log)
+    assert min(expected) > 2 * 2 * 6  # at least six answers of two tokens or more per scene
