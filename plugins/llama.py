@@ -195,7 +195,8 @@ class LlamaDecoder(LanguageModel):
         """Combine causality, padding and the sliding window into one boolean mask (or a plain causal flag).
 
         A ``[B, 1, q_len, k_len]`` mask is the caller's whole attention pattern (a packed sequence's tree, say)
-        and is used as given, narrowed only by the sliding window.
+        and is used as given; where the sliding window would cut in, it is refused (the window counts positions,
+        which such a mask does not state).
         """
         k_len = past + q_len
         needs_window = self.sliding_window is not None and k_len > self.sliding_window

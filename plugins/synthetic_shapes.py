@@ -218,6 +218,32 @@ def describe(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _unique(scene: Scene, item: PlacedShape, attribute: str) -> bool:
+    """Whether no other shape of ``scene`` shares ``item``'s ``attribute`` (``"shape"`` or ``"color"``)."""
+    return sum(getattr(o, attribute) == getattr(item, attribute) for o in scene.shapes) == 1
+
+
+# The wording of each form, shared by ask() (one question of a form) and every_question() (all of them).
+def _color_question(item: PlacedShape) -> QuestionAnswer:
+    return QuestionAnswer("color", f"What color is the {item.shape}?", f"{item.color.capitalize()}.")
+
+
+def _shape_question(item: PlacedShape) -> QuestionAnswer:
+    return QuestionAnswer("shape", f"What shape is {item.color}?", f"A {item.shape}.")
+
+
+def _count_question(scene: Scene) -> QuestionAnswer:
+    return QuestionAnswer("count", "How many shapes are there?", f"{len(scene.shapes)}.")
+
+
+def _describe_question(scene: Scene) -> QuestionAnswer:
+    return QuestionAnswer("describe", "Describe the image.", describe(scene))
+
+
+def _exists_question(shape: str, color: str, truth: bool) -> QuestionAnswer:
+    return QuestionAnswer("exists", f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No.")
+
+
 def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | None = None,
         balanced_negatives: bool = False) -> QuestionAnswer | None:
     """One question of ``form`` about ``scene``, or ``None`` if the scene has no valid question of that form.
@@ -226,19 +252,13 @@ def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | No
     half/half split); by default it is a coin flip. ``balanced_negatives``: see :func:`_absent_pair`.
     """
     if form == "color":
-        unique = [s for s in scene.shapes if sum(o.shape == s.shape for o in scene.shapes) == 1]
-        if not unique:
-            return None
-        item = rng.choice(unique)
-        return QuestionAnswer(form, f"What color is the {item.shape}?", f"{item.color.capitalize()}.")
+        unique = [s for s in scene.shapes if _unique(scene, s, "shape")]
+        return _color_question(rng.choice(unique)) if unique else None
     if form == "shape":
-        unique = [s for s in scene.shapes if sum(o.color == s.color for o in scene.shapes) == 1]
-        if not unique:
-            return None
-        item = rng.choice(unique)
-        return QuestionAnswer(form, f"What shape is {item.color}?", f"A {item.shape}.")
+        unique = [s for s in scene.shapes if _unique(scene, s, "color")]
+        return _shape_question(rng.choice(unique)) if unique else None
     if form == "count":
-        return QuestionAnswer(form, "How many shapes are there?", f"{len(scene.shapes)}.")
+        return _count_question(scene)
     if form == "exists":
         truth = rng.random() < 0.5 if exists_answer is None else exists_answer
         if truth:
@@ -246,9 +266,9 @@ def ask(scene: Scene, form: str, rng: random.Random, *, exists_answer: bool | No
             shape, color = item.shape, item.color
         else:
             shape, color = _absent_pair(scene, rng, balanced=balanced_negatives)
-        return QuestionAnswer(form, f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No.")
+        return _exists_question(shape, color, truth)
     if form == "describe":
-        return QuestionAnswer(form, "Describe the image.", describe(scene))
+        return _describe_question(scene)
     raise ValueError(f"unknown question form {form!r}; use one of {', '.join(FORMS)}")
 
 
@@ -259,20 +279,18 @@ def every_question(scene: Scene, rng: random.Random, *, balanced_negatives: bool
     :func:`_absent_pair`), so yes and no stay even. In a random order."""
     turns: list[QuestionAnswer] = []
     for item in scene.shapes:
-        if sum(o.shape == item.shape for o in scene.shapes) == 1:
-            turns.append(QuestionAnswer("color", f"What color is the {item.shape}?", f"{item.color.capitalize()}."))
-        if sum(o.color == item.color for o in scene.shapes) == 1:
-            turns.append(QuestionAnswer("shape", f"What shape is {item.color}?", f"A {item.shape}."))
-    turns.append(QuestionAnswer("count", "How many shapes are there?", f"{len(scene.shapes)}."))
-    turns.append(QuestionAnswer("describe", "Describe the image.", describe(scene)))
+        if _unique(scene, item, "shape"):
+            turns.append(_color_question(item))
+        if _unique(scene, item, "color"):
+            turns.append(_shape_question(item))
+    turns += [_count_question(scene), _describe_question(scene)]
     absent: set[tuple[str, str]] = set()
     for _ in range(50):  # distinct absent pairs, as many as there are shapes (a handful of draws suffices)
         if len(absent) == len(scene.shapes):
             break
         absent.add(_absent_pair(scene, rng, balanced=balanced_negatives))
-    pairs = [((item.shape, item.color), True) for item in scene.shapes] + [(pair, False) for pair in sorted(absent)]
-    for (shape, color), truth in pairs:
-        turns.append(QuestionAnswer("exists", f"Is there {with_article(f'{color} {shape}')}?", "Yes." if truth else "No."))
+    turns += [_exists_question(item.shape, item.color, True) for item in scene.shapes]
+    turns += [_exists_question(shape, color, False) for shape, color in sorted(absent)]
     rng.shuffle(turns)
     return turns
 
