@@ -57,6 +57,8 @@ MAX_SHAPES = 4
 PATCH_CLASSES: tuple[str, ...] = ("background",) + tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 #: The two factors of a patch class, each with its own background label: what a factored patch head predicts.
 PATCH_FACTORS: dict[str, tuple[str, ...]] = {"shape": ("background", *SHAPES), "color": ("background", *COLORS)}
+#: Labels of :meth:`Scene.patch_places`: background, then each place from the left a shape can take.
+PATCH_PLACES: tuple[str, ...] = ("background", *(f"shape {k} from the left" for k in range(1, MAX_SHAPES + 1)))
 
 
 def patch_factor_labels(factor: str) -> tuple[int, ...]:
@@ -122,12 +124,27 @@ class Scene:
         """
         return self.canvas_patch_labels(rows, cols, (0, 0, rows, cols), min_cover=min_cover, oversample=oversample)
 
+    def patch_places(self, rows: int, cols: int, *, min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
+        """Per-patch place from the left (:data:`PATCH_PLACES`: 0 background, ``k`` the k-th shape by centre,
+        left to right) of the image stretched onto a ``rows`` × ``cols`` grid, as :meth:`patch_labels` (the
+        same patches are background): ``int64 [rows, cols]``. A description lists the shapes in this order, so
+        features that carry it let the language model find "the next shape" by matching one direction."""
+        return self._canvas_winners(rows, cols, (0, 0, rows, cols), min_cover=min_cover, oversample=oversample)
+
     def canvas_patch_labels(self, rows: int, cols: int, placement: tuple[float, float, float, float], *,
                             min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
         """Per-patch classes of a ``rows`` × ``cols`` patch canvas on which the image occupies ``placement``
         ``(top, left, height, width)``, in patches (fractions allowed); the rest of the canvas is background.
         An AnyRes grid is such a canvas: the image resized keeping its aspect and centred on it, then cut into
         tiles (see :meth:`patch_labels` for how a patch's class is chosen)."""
+        winner = self._canvas_winners(rows, cols, placement, min_cover=min_cover, oversample=oversample)
+        classes = np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
+        return classes[winner]
+
+    def _canvas_winners(self, rows: int, cols: int, placement: tuple[float, float, float, float], *,
+                        min_cover: float, oversample: int) -> np.ndarray:
+        """Per patch of the canvas, ``1 + `` the index in :attr:`shapes` (left to right) of the shape covering it
+        most, if at least ``min_cover``; else 0 (background)."""
         height, width = rows * oversample, cols * oversample
         top0, left0 = placement[0] * oversample, placement[1] * oversample
         scale_x, scale_y = placement[3] * oversample / self.width, placement[2] * oversample / self.height
@@ -141,9 +158,7 @@ class Scene:
         objects = objects.transpose(0, 2, 1, 3).reshape(rows, cols, oversample * oversample)
         cover = np.stack([(objects == k).mean(-1) for k in range(len(self.shapes) + 1)])  # [1 + n, rows, cols]
         cover[0] = min_cover  # background wins unless a shape covers at least min_cover
-        winner = cover.argmax(0)
-        classes = np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
-        return classes[winner]
+        return cover.argmax(0).astype(np.int64)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], apex_x: float,

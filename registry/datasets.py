@@ -312,12 +312,19 @@ class SyntheticShapesSource:
         """Each factor of the patch classes (shape, colour): its label names and every class's label in it."""
         return {name: (names, self._task.patch_factor_labels(name)) for name, names in self._task.PATCH_FACTORS.items()}
 
-    def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor]:
-        """Scene ``index`` (the same scene :meth:`example` gives) and its per-patch classes on a ``rows`` ×
-        ``cols`` grid of the whole image stretched to one tile: the labels of a ``patch-labels`` training stage.
-        (With ``samples_per_scene=1`` this is the scene :meth:`example` ``index`` shows.)"""
+    @property
+    def patch_places(self) -> tuple[str, ...]:
+        """Names of the per-patch places from the left :meth:`patch_example` also labels with (0 is background)."""
+        return self._task.PATCH_PLACES
+
+    def patch_example(self, index: int, rows: int, cols: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Scene ``index`` (the same scene :meth:`example` gives) with, on a ``rows`` × ``cols`` grid of the whole
+        image stretched to one tile, each patch's class and its shape's place from the left (both ``int64
+        [rows, cols]``): the labels of a ``patch-labels`` training stage. (With ``samples_per_scene=1`` this is
+        the scene :meth:`example` ``index`` shows.)"""
         scene, _ = self._scene(index)
-        return scene.render(), torch.from_numpy(scene.patch_labels(rows, cols))
+        return (scene.render(), torch.from_numpy(scene.patch_labels(rows, cols)),
+                torch.from_numpy(scene.patch_places(rows, cols)))
 
 
 # ------------------------------------------------------------------------------------------ encoding

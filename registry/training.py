@@ -93,6 +93,11 @@ class StageConfig(BaseModel):
         "(factored: for synthetic shapes, shape and colour separately, which gives the features one direction per "
         "shape shared by every colour)",
     )
+    patch_places: bool = Field(
+        default=False,
+        description="patch-labels: also name, in a softmax of its own, the place from the left of the shape "
+        "covering each patch (synthetic shapes: 1st to 4th, or background), the order a description lists them in",
+    )
 
     def settings(self, component: str) -> ComponentSettings:
         return self.components.get(component, ComponentSettings())  # type: ignore[arg-type]
@@ -101,6 +106,8 @@ class StageConfig(BaseModel):
     def _something_trains(self) -> StageConfig:
         if self.objective != "patch-labels" and self.patch_head != "joint":
             raise ValueError(f"stage {self.name!r} sets patch_head, which only objective patch-labels uses")
+        if self.objective != "patch-labels" and self.patch_places:
+            raise ValueError(f"stage {self.name!r} sets patch_places, which only objective patch-labels uses")
         if self.objective == "patch-labels":
             others = sorted(set(self.components) - {"vision"})
             if others:
@@ -474,32 +481,47 @@ class PatchHead(torch.nn.Linear):
 
     ``factors`` maps each factor's name to a lookup from patch class to that factor's label: a joint head has
     one factor (the classes themselves); a factored one has several (shape and colour), each with its own
-    softmax, so a shape must be one direction of the features whatever its colour. The loss sums the factors'
-    cross-entropies. It stays an ``nn.Linear`` so its state dict is just ``weight`` and ``bias``.
+    softmax, so a shape must be one direction of the features whatever its colour. With ``places`` > 0 one
+    more softmax of that many labels names each patch's place from the left (not a function of its class, so
+    it comes with labels of its own). The loss sums the cross-entropies. It stays an ``nn.Linear`` so its
+    state dict is just ``weight`` and ``bias``.
     """
 
-    def __init__(self, in_features: int, factors: dict[str, tuple[int, list[int]]]):
-        super().__init__(in_features, sum(size for size, _ in factors.values()))
+    def __init__(self, in_features: int, factors: dict[str, tuple[int, list[int]]], places: int = 0):
+        super().__init__(in_features, sum(size for size, _ in factors.values()) + places)
         self.factor_sizes = [size for size, _ in factors.values()]
+        self.places = places
         for index, (_, lookup) in enumerate(factors.values()):
             self.register_buffer(f"lookup_{index}", torch.tensor(lookup, dtype=torch.long), persistent=False)
 
-    def loss(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, classes: torch.Tensor, places: torch.Tensor | None = None) -> torch.Tensor:
+        if (places is None) != (self.places == 0):
+            raise ValueError(f"this patch head {'needs' if self.places else 'takes no'} per-patch places")
         logits = self(features).float().reshape(-1, self.out_features)
         classes = classes.reshape(-1)
         total = logits.new_zeros(())
-        for index, factor_logits in enumerate(logits.split(self.factor_sizes, dim=-1)):
+        split = logits.split(self.factor_sizes + ([self.places] if self.places else []), dim=-1)
+        for index, factor_logits in enumerate(split[: len(self.factor_sizes)]):
             total = total + torch.nn.functional.cross_entropy(factor_logits, getattr(self, f"lookup_{index}")[classes])
+        if places is not None:
+            total = total + torch.nn.functional.cross_entropy(split[-1], places.reshape(-1))
         return total
 
 
 def patch_label_head(model, source, stage: StageConfig, seed: int) -> PatchHead:
-    """The head of a ``patch-labels`` stage (seeded), joint or factored per ``stage.patch_head``."""
+    """The head of a ``patch-labels`` stage (seeded), joint or factored per ``stage.patch_head``, with a place
+    softmax when ``stage.patch_places``."""
     classes = getattr(source, "patch_classes", None)
     if classes is None or not hasattr(source, "patch_example"):
         raise ConfigError(
             f"stage {stage.name!r} has objective patch-labels, but the data source {type(source).__name__} has no "
             "per-patch labels; use data source synthetic-shapes for this stage, or objective answers"
+        )
+    places = getattr(source, "patch_places", None) if stage.patch_places else ()
+    if places is None:
+        raise ConfigError(
+            f"stage {stage.name!r} sets patch_places, but the data source {type(source).__name__} does not label "
+            "places from the left; remove patch_places or use data source synthetic-shapes"
         )
     if stage.patch_head == "factored":
         factors = {name: (len(names), list(lookup)) for name, (names, lookup) in source.patch_factors.items()}
@@ -507,15 +529,17 @@ def patch_label_head(model, source, stage: StageConfig, seed: int) -> PatchHead:
         factors = {"class": (len(classes), list(range(len(classes))))}
     tower = model.vision_tower
     generator = torch.Generator().manual_seed(seed + 7919)
-    head = PatchHead(tower.hidden_size, factors)
+    head = PatchHead(tower.hidden_size, factors, places=len(places))
     with torch.no_grad():
         head.weight.normal_(0.0, 0.02, generator=generator)
         head.bias.zero_()
     return head.to(model.device)
 
 
-def patch_batches(model, source, stage: StageConfig, first_sample: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``grad_accum`` (pixels, patch classes) micro-batches of the ``patch-labels`` step at ``first_sample``:
+def patch_batches(model, source, stage: StageConfig,
+                  first_sample: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The ``grad_accum`` (pixels, patch classes, patch places or ``None`` unless ``stage.patch_places``)
+    micro-batches of the ``patch-labels`` step at ``first_sample``:
     each image stretched onto one tile exactly as the processor makes an AnyRes base tile, normalised as the
     processor normalises (on the CPU; safe to build ahead on a worker thread)."""
     from llavakit.core.images import resize_chw
@@ -527,24 +551,27 @@ def patch_batches(model, source, stage: StageConfig, first_sample: int) -> list[
     micro_batches = []
     for micro in range(stage.grad_accum):
         first = first_sample + micro * stage.batch_size
-        pixels, labels = [], []
+        pixels, labels, places = [], [], []
         for index in range(first, first + stage.batch_size):
-            image, classes = source.patch_example(index, grid, grid)
+            image, classes, place = source.patch_example(index, grid, grid)
             pixels.append(torch.from_numpy(resize_chw(image, [ImageSize(tile, tile)])[0].copy()))
             labels.append(classes.reshape(-1))
-        micro_batches.append((model.processor.normalize(torch.stack(pixels)), torch.stack(labels)))
+            places.append(place.reshape(-1))
+        micro_batches.append((model.processor.normalize(torch.stack(pixels)), torch.stack(labels),
+                              torch.stack(places) if stage.patch_places else None))
     return micro_batches
 
 
-def patch_label_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], stage: StageConfig, optimizer,
-                     head: PatchHead, *, autocast: torch.dtype | None) -> StepResult:
+def patch_label_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                     stage: StageConfig, optimizer, head: PatchHead, *, autocast: torch.dtype | None) -> StepResult:
     """One optimizer step of a ``patch-labels`` stage: the tower's features at the model's feature layer (class
     token dropped as the model drops it) are classified patch by patch; the loss is the mean over patches."""
     device = model.device
     optimizer.zero_grad(set_to_none=True)
     loss_sum, patches = 0.0, 0
-    for pixels, labels in micro_batches:
+    for pixels, labels, places in micro_batches:
         pixels, labels = pixels.to(device), labels.to(device)
+        places = places.to(device) if places is not None else None
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             features = model.vision_tower(pixels, feature_layer=model.vision_feature_layer,
                                           strategy=model.vision_feature_select_strategy)
@@ -555,7 +582,7 @@ def patch_label_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor
                 f"{side}×{side} patch grid has {labels.shape[1]} labels; patch-labels needs a tower whose selected "
                 "features are exactly its patches"
             )
-        loss = head.loss(features, labels)
+        loss = head.loss(features, labels, places)
         (loss / stage.grad_accum).backward()
         loss_sum += float(loss.detach())
         patches += labels.numel()

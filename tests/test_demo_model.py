@@ -15,10 +15,11 @@ from llavakit.registry.cli import main
 from llavakit.registry.default_model import default_model_path, load_default_model
 from llavakit.registry.evaluation import answer_questions
 
-#: Floors for 40 fresh scenes (192 questions): under what the shipped model scores on them (pooled 98.7%,
-#: colour 100%, shape 100%, count 95%, exists 100%, describe 70%), so a regression (a wrong default, a broken
-#: processor or tokenizer) fails while noise does not. They are regression floors, not the issue's targets.
-SHORT_POOLED_FLOOR, SHORT_FORM_FLOOR, DESCRIBE_FLOOR = 0.9, 0.85, 0.5
+#: Floors for 40 fresh scenes (192 questions): under what the shipped model scores on them (pooled 100%,
+#: every short form 100%, describe 95%), so a regression (a wrong default, a broken processor or tokenizer)
+#: fails while a change of rounding does not. They happen to equal the issue's targets, which are measured on
+#: 500 scenes (docs/demo.md), not here.
+SHORT_POOLED_FLOOR, SHORT_FORM_FLOOR, DESCRIBE_FLOOR = 0.95, 0.9, 0.8
 
 EXAMPLE_IMAGE = Path(str(resources.files("llavakit.registry").joinpath("examples/shapes.png")))
 

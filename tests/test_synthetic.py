@@ -228,6 +228,21 @@ def test_patch_labels_name_the_shape_covering_each_patch():
     # A shape covering less than min_cover of every patch leaves them background.
     assert (scene.patch_labels(4, 8, min_cover=0.5) == blue_square).sum() == 4
     assert (scene.patch_labels(4, 8, min_cover=0.5) == red_circle).sum() == 0
+    # Places from the left: the circle (centre x 50) is first, the square (x 150) second, on the same patches.
+    places = scene.patch_places(4, 8)
+    assert torch.equal(torch.from_numpy(places), (expected == red_circle) * 1 + (expected == blue_square) * 2)
+    assert shapes.PATCH_PLACES[1:3] == ("shape 1 from the left", "shape 2 from the left")
+
+
+def test_patch_places_follow_the_order_of_a_description():
+    for index in range(20):
+        scene = shapes.sample_scene(shapes.scene_rng(4, index))
+        classes, places = scene.patch_labels(8, 8), scene.patch_places(8, 8)
+        assert ((classes == 0) == (places == 0)).all()
+        # Each place's patches carry exactly the class of that shape in the description, left to right.
+        listed = [{int(c) for c in classes[places == k]} for k in range(1, len(scene.shapes) + 1)]
+        described = shapes.describe(scene).rstrip(".").lower().split(", ")
+        assert [shapes.with_article(shapes.PATCH_CLASSES[c]).lower() for (c,) in listed] == described
 
 
 def test_patch_labels_follow_the_stretch_of_a_base_tile():

@@ -198,7 +198,9 @@ def test_train_command(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ patch-labels stages
 def test_patch_labels_stage_trains_only_the_vision_tower_and_resumes_exactly(tmp_path):
-    stages = [stage(name="vision", objective="patch-labels", steps=3, batch_size=4, lr=3e-3, save_every=1),
+    # With the fullest head (factored, with places), whose state must come back on resume too.
+    stages = [stage(name="vision", objective="patch-labels", steps=3, batch_size=4, lr=3e-3, save_every=1,
+                    patch_head="factored", patch_places=True),
               stage(name="answers", steps=1, components={"vision": {"freeze": True}})]
     config = tiny_training_config(tmp_path, stages=stages)
     final = train(config, progress=False)
@@ -218,7 +220,8 @@ def test_patch_labels_stage_trains_only_the_vision_tower_and_resumes_exactly(tmp
         should_move = name.startswith("vision_tower.") and "post_layernorm" not in name
         assert moved == should_move, f"{name}: moved={moved}"
     assert set(after_vision) == set(load_file(final / "model.safetensors"))  # the same tensors as any llava-hf save
-    assert "patch_head" in torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "training_state.pt")
+    head_state = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "training_state.pt")["patch_head"]
+    assert head_state["weight"].shape[0] == 4 + 7 + 5  # shape, colour and place softmaxes
 
     # Resuming inside the stage restores the head too: the same losses follow.
     resumed = tmp_path / "resumed"
@@ -229,17 +232,19 @@ def test_patch_labels_stage_trains_only_the_vision_tower_and_resumes_exactly(tmp
                        load_file(resumed / "model" / "model.safetensors")["vision_tower.vision_model.embeddings.patch_embedding.weight"])
 
 
-@pytest.mark.parametrize("patch_head", ["joint", "factored"])
-def test_patch_labels_loss_falls_on_a_repeated_batch(tmp_path, patch_head):
+@pytest.mark.parametrize("patch_head, patch_places", [("joint", False), ("factored", False), ("factored", True)])
+def test_patch_labels_loss_falls_on_a_repeated_batch(tmp_path, patch_head, patch_places):
     from llavakit.registry.training import patch_batches, patch_label_head, patch_label_step
 
     model = tiny_model_with_processor(tmp_path)
     settings = StageConfig(name="vision", objective="patch-labels", steps=1, batch_size=8, lr=1e-2,
-                           patch_head=patch_head)
+                           patch_head=patch_head, patch_places=patch_places)
     source = SyntheticShapesSource(5)
     head = patch_label_head(model, source, settings, seed=0)
+    assert head.places == (5 if patch_places else 0)
     optimizer = torch.optim.AdamW(configure_components(model, settings, head))
     batches = patch_batches(model, source, settings, 0)
+    assert all((places is not None) == patch_places for _, _, places in batches)
     losses = [patch_label_step(model, batches, settings, optimizer, head, autocast=None).loss for _ in range(40)]
     assert losses[-1] < 0.5 * losses[0]
 
@@ -268,6 +273,20 @@ def test_a_factored_patch_head_scores_shape_and_colour_separately():
     assert float(head.loss(features, classes)) == pytest.approx(60.0 / 3, rel=1e-4)
     assert len(PATCH_CLASSES) == 19
 
+    # A place softmax adds its own cross-entropy over labels given beside the classes, and must get them.
+    placed = PatchHead(4, factors, places=5)
+    assert placed.out_features == 4 + 7 + 5
+    logits = torch.cat([logits, torch.full((1, 3, 5), -30.0)], dim=-1)
+    for position, place in enumerate([0, 2, 1]):
+        logits[0, position, 11 + place] = 30.0
+    placed.forward = lambda x: logits
+    assert float(placed.loss(features, classes, torch.tensor([[0, 2, 1]]))) == pytest.approx(60.0 / 3, rel=1e-4)
+    assert float(placed.loss(features, classes, torch.tensor([[0, 2, 4]]))) == pytest.approx(120.0 / 3, rel=1e-4)
+    with pytest.raises(ValueError, match="needs per-patch places"):
+        placed.loss(features, classes)
+    with pytest.raises(ValueError, match="takes no per-patch places"):
+        head.loss(features, classes, torch.tensor([[0, 2, 1]]))
+
 
 def test_an_unknown_training_device_is_refused(tmp_path):
     config = tiny_training_config(tmp_path, stages=[stage()], device="gpu0")
@@ -291,12 +310,24 @@ def test_data_workers_change_no_value(tmp_path):
 @pytest.mark.parametrize("fields, message", [
     ({"components": {"llm": {"freeze": True}}}, "trains only the vision tower; remove the settings of llm"),
     ({"objective": "answers", "patch_head": "factored"}, "sets patch_head, which only objective patch-labels uses"),
+    ({"objective": "answers", "patch_places": True}, "sets patch_places, which only objective patch-labels uses"),
     ({"components": {"vision": {"freeze": True}}}, "freezes the vision tower it trains"),
 ])
 def test_patch_labels_stage_configs_are_checked(tmp_path, fields, message):
     config = tiny_training_config(tmp_path, stages=[{**stage(objective="patch-labels"), **fields}])
     with pytest.raises(ConfigError, match=message):
         read_training_config(config)
+
+
+def test_patch_places_need_a_source_that_labels_them(tmp_path):
+    from llavakit.registry.training import patch_label_head
+
+    class NoPlaces(SyntheticShapesSource):
+        patch_places = None
+
+    settings = StageConfig(name="vision", objective="patch-labels", steps=1, lr=1e-3, patch_places=True)
+    with pytest.raises(ConfigError, match="stage 'vision' sets patch_places, but the data source NoPlaces does not"):
+        patch_label_head(tiny_model_with_processor(tmp_path), NoPlaces(0), settings, seed=0)
 
 
 def test_patch_labels_need_a_source_with_labels(tmp_path):
