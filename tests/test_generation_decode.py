@@ -4,6 +4,8 @@ notices when the weights change."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,6 +151,20 @@ def test_numba_gemv_matches_f_linear(rows, inner):
     reference = torch.nn.functional.linear(x16.float(), weight16.float())
     assert out16.dtype == torch.bfloat16
     assert torch.allclose(out16.float(), reference, atol=1e-3, rtol=8e-3)
+
+
+def test_the_fused_kernels_cache_follows_the_gemv_source():
+    """numba keys the disk cache of a kernel on its own file's contents only; the fused layer inlines
+    :mod:`llavakit.core.gemv`'s loops, so its file records that file's hash and must be updated with it."""
+    import hashlib
+
+    from llavakit.core import gemv
+    from llavakit.plugins import llama_kernels
+
+    digest = hashlib.sha256(Path(gemv.__file__).read_bytes()).hexdigest()
+    assert llama_kernels.GEMV_SOURCE_SHA256 == digest, (
+        f"core/gemv.py changed: set GEMV_SOURCE_SHA256 in plugins/llama_kernels.py to {digest!r} so cached "
+        "fused kernels are recompiled with it")
 
 
 def test_numba_gemv_refuses_other_dtypes():
