@@ -11,9 +11,8 @@ half of a float32), so they cost half the bytes; the activations are bf16 values
 result is rounded to bf16 once, as oneDNN's bf16 GEMM does. :func:`gemv` reads a bf16 matrix of even width
 as 32-bit pairs of words instead (:func:`_gemv_bf16_pairs`): streamed from memory, the benchmark model's
 33 MB bf16 ``lm_head`` then reads at about 31 GB/s against 25 GB/s word by word (medians of 40 calls) and
-14 GB/s through ``F.linear``. The fused decode layers keep the word-by-word loop: there the pair loop measured slower (its
-input vectors are rows of 2-D scratch arrays, and splitting them costs more than it saves on matrices this
-small).
+14 GB/s through ``F.linear``. The fused decode layers keep the word-by-word loop: there the pair loop
+measured slower (their input vectors are rows of 2-D scratch arrays, read with a stride of two).
 
 :func:`gemv_rows` is the loop body, shared with the fused decode-layer kernel of the llama plugin; the
 helpers :func:`widen`, :func:`narrow` and :func:`round_bf16` let such kernels read and write bf16 data as

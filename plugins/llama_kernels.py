@@ -31,7 +31,7 @@ from llavakit.core.gemv import ROW_BLOCK, as_matrix, gemv_rows, launch_lock, nar
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "ca63c03a8f0d85f69cab0f639ed05a7b58aaaba0c23b5f031d5ca9f12e6adae8"
+GEMV_SOURCE_SHA256 = "601cc6edc34c053d6791be895271233d9049e7579e19cb35be7d965e0b3c7c42"
 
 
 @njit(inline="always", fastmath=True)
