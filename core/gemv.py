@@ -8,11 +8,13 @@ cores, each row a float32 dot product that LLVM vectorises with AVX-512 FMAs) re
 
 bfloat16 weights are read as 16-bit words and widened to float32 in registers (a bf16 value is the top
 half of a float32), so they cost half the bytes; the activations are bf16 values held in float32 and the
-result is rounded to bf16 once, as oneDNN's bf16 GEMM does. :func:`gemv` reads a bf16 matrix of even width
-as 32-bit pairs of words instead (:func:`_gemv_bf16_pairs`): streamed from memory, the benchmark model's
-33 MB bf16 ``lm_head`` then reads at about 31 GB/s against 25 GB/s word by word (medians of 40 calls) and
-14 GB/s through ``F.linear``. The fused decode layers keep the word-by-word loop: there the pair loop
-measured slower (their input vectors are rows of 2-D scratch arrays, read with a stride of two).
+result is rounded to bf16 once, as oneDNN's bf16 GEMM does. A bf16 matrix of even width is read as 32-bit
+pairs of words (:func:`pair_view`, :func:`_gemv_bf16_pairs`): the low word shifted up and the high word
+masked in place are both float32s, so a 64-byte load costs two integer operations and two FMAs instead of
+a widening move, a shift and an FMA per 16 words, and the input comes split into its even and odd elements
+so both products vectorise without shuffles. Streamed from memory, the benchmark model's 33 MB bf16
+``lm_head`` reads at 25-31 GB/s this way against 23-25 GB/s word by word (medians of 40 calls, two runs)
+and 14 GB/s through ``F.linear``; its layer-sized matrices at 25-28 GB/s against 20-22.
 
 :func:`gemv_rows` is the loop body, shared with the fused decode-layer kernel of the llama plugin; the
 helpers :func:`widen`, :func:`narrow` and :func:`round_bf16` let such kernels read and write bf16 data as
@@ -96,15 +98,68 @@ def _narrow_for(value, like):
     return lambda value, like: value
 
 
+def row_dot(weight, row, x):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: ``weight[row] · x`` in float32. ``weight`` is float32, bf16 words (uint16), or bf16
+    words read as 32-bit pairs (uint32, ``[N, K/2]``); for pairs ``x`` is ``[2, K/2]``, its even elements then
+    its odd ones (:func:`pair_input`)."""
+    raise NotImplementedError
+
+
+@overload(row_dot)
+def _row_dot_for(weight, row, x):
+    if weight.dtype == types.uint32:
+        def dot_pairs(weight, row, x):
+            acc = np.float32(0.0)
+            for j in range(weight.shape[1]):
+                pair = weight[row, j]
+                acc += (_bits_to_float32(pair << np.uint32(16)) * x[0, j]
+                        + _bits_to_float32(pair & np.uint32(0xFFFF0000)) * x[1, j])
+            return acc
+        return dot_pairs
+
+    def dot(weight, row, x):
+        acc = np.float32(0.0)
+        for j in range(x.shape[0]):
+            acc += widen(weight[row, j]) * x[j]
+        return acc
+    return dot
+
+
+def pair_input(x, weight):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: the rows of ``x`` (``[B, K]``) as :func:`row_dot` reads them for ``weight``: as they
+    are, or for a pair-read (uint32) weight split into ``[B, 2, K/2]`` even and odd elements."""
+    raise NotImplementedError
+
+
+@overload(pair_input)
+def _pair_input_for(x, weight):
+    if weight.dtype == types.uint32:
+        def split(x, weight):
+            out = np.empty((x.shape[0], 2, x.shape[1] // 2), np.float32)
+            for b in range(x.shape[0]):
+                for j in range(x.shape[1] // 2):
+                    out[b, 0, j] = x[b, 2 * j]
+                    out[b, 1, j] = x[b, 2 * j + 1]
+            return out
+        return split
+    return lambda x, weight: x
+
+
+def pair_view(matrix: np.ndarray) -> np.ndarray:
+    """A bf16-word matrix of even width as its ``[N, K/2]`` uint32 pairs (no copy), the faster way
+    :func:`row_dot` reads bf16 (see the module docstring); any other matrix as it is."""
+    if matrix.dtype == np.uint16 and matrix.shape[-1] % 2 == 0 and matrix.flags.c_contiguous:
+        return matrix.view(np.uint32)
+    return matrix
+
+
 @njit(inline="always", fastmath=True)
 def gemv_rows(weight, x, out, block, bf16):  # pragma: no cover - compiled
     """``out[r] = weight[r] · x`` for the rows of work item ``block`` (``ROW_BLOCK`` rows), summed in float32 and
     rounded to bf16 when ``bf16``: the body of every parallel matrix-vector product here and in fused kernels."""
     stop = min(weight.shape[0], (block + 1) * ROW_BLOCK)
     for row in range(block * ROW_BLOCK, stop):
-        acc = np.float32(0.0)
-        for j in range(x.shape[0]):
-            acc += widen(weight[row, j]) * x[j]
+        acc = row_dot(weight, row, x)
         out[row] = round_bf16(acc) if bf16 else acc
 
 
@@ -116,10 +171,8 @@ def _gemv(weight, x, out):  # pragma: no cover - compiled (one specialisation pe
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_bf16_pairs(pairs, x_even, x_odd, out):  # pragma: no cover - compiled
-    """:func:`_gemv` for bf16 words read as 32-bit pairs (``pairs`` is the ``[N, K/2]`` uint32 view): the low
-    word shifted up and the high word masked in place are both float32s already, so a 64-byte load costs two
-    integer operations and two FMAs against three operations per 16 words read one by one. The even and odd
-    elements of ``x`` come as separate contiguous vectors, so both products vectorise without shuffles."""
+    """:func:`_gemv` for bf16 words read as 32-bit pairs (``pairs`` is the ``[N, K/2]`` uint32 view of
+    :func:`pair_view`), the even and odd elements of ``x`` as separate contiguous vectors."""
     for block in prange((pairs.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for row in range(block * ROW_BLOCK, min(pairs.shape[0], (block + 1) * ROW_BLOCK)):
             acc = np.float32(0.0)
@@ -148,8 +201,9 @@ def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     vector = x.reshape(-1).to(torch.float32).contiguous().numpy()
     with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
-        if matrix.dtype == np.uint16 and matrix.shape[1] % 2 == 0:
-            _gemv_bf16_pairs(matrix.view(np.uint32), vector[0::2].copy(), vector[1::2].copy(), out.numpy()[0])
+        pairs = pair_view(matrix)
+        if pairs.dtype == np.uint32:
+            _gemv_bf16_pairs(pairs, vector[0::2].copy(), vector[1::2].copy(), out.numpy()[0])
         else:
             _gemv(matrix, vector, out.numpy()[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)

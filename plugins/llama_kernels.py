@@ -26,12 +26,13 @@ import torch
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads
 
-from llavakit.core.gemv import ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, round_bf16, widen
+from llavakit.core.gemv import (ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, pair_input, pair_view, round_bf16,
+                                widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "601cc6edc34c053d6791be895271233d9049e7579e19cb35be7d965e0b3c7c42"
+GEMV_SOURCE_SHA256 = "d4a6a89271f264ee47a18dec9c31f83e61df2917e9c9bf41b44daedc20575ee4"
 
 
 @njit(inline="always", fastmath=True)
@@ -132,9 +133,10 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
     for b in range(batch):
         h[b] = _rms_norm(x[b], input_norm, eps, bf16)
     qkv = np.empty((batch, w_qkv.shape[0]), np.float32)
+    h_in = pair_input(h, w_qkv)
     for block in prange((w_qkv.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for b in range(batch):
-            gemv_rows(w_qkv, h[b], qkv[b], block, bf16)
+            gemv_rows(w_qkv, h_in[b], qkv[b], block, bf16)
 
     rotated = np.empty((batch, q_size + kv_size), np.float32)
     for b in range(batch):
@@ -146,25 +148,28 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
         _attend_head(rotated[b], keys[b], values[b], head, group, starts[b], position, scale, bf16, attended[b])
 
     projected = np.empty((batch, hidden), np.float32)
+    attended_in = pair_input(attended, w_out)
     for block in prange((w_out.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for b in range(batch):
-            gemv_rows(w_out, attended[b], projected[b], block, bf16)
+            gemv_rows(w_out, attended_in[b], projected[b], block, bf16)
     for b in range(batch):
         _add_residual(x[b], projected[b], bf16)
         h[b] = _rms_norm(x[b], post_norm, eps, bf16)
 
     gate_up = np.empty((batch, w_gate_up.shape[0]), np.float32)
+    h_in = pair_input(h, w_gate_up)
     for block in prange((w_gate_up.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for b in range(batch):
-            gemv_rows(w_gate_up, h[b], gate_up[b], block, bf16)
+            gemv_rows(w_gate_up, h_in[b], gate_up[b], block, bf16)
     inner = w_gate_up.shape[0] // 2
     activated = np.empty((batch, inner), np.float32)
     for b in range(batch):
         for i in range(inner):
             activated[b, i] = _silu_times(gate_up[b, i], gate_up[b, inner + i], bf16)
+    activated_in = pair_input(activated, w_down)
     for block in prange((w_down.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
         for b in range(batch):
-            gemv_rows(w_down, activated[b], projected[b], block, bf16)
+            gemv_rows(w_down, activated_in[b], projected[b], block, bf16)
     for b in range(batch):
         _add_residual(x[b], projected[b], bf16)
 
@@ -238,4 +243,5 @@ def run_layers(x: np.ndarray, layers: list[tuple], keys: list[np.ndarray], value
     with kernel_threads():
         for (input_norm, qkv, out, post_norm, gate_up, down), k, v in zip(layers, keys, values):
             decode_layer(x, bf16, np.float32(eps), np.float32(scale), num_heads, position, starts, cos, sin,
-                         input_norm, qkv, out, post_norm, gate_up, down, k, v)
+                         input_norm, pair_view(qkv), pair_view(out), post_norm, pair_view(gate_up), pair_view(down),
+                         k, v)
