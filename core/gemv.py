@@ -9,7 +9,7 @@ cores, each row a float32 dot product that LLVM vectorises with AVX-512 FMAs) re
 bfloat16 weights are read as 16-bit words and widened to float32 in registers (a bf16 value is the top
 half of a float32), so they cost half the bytes; the activations are bf16 values held in float32 and the
 result is rounded to bf16 once, as oneDNN's bf16 GEMM does. A bf16 matrix of even width is read as 32-bit
-pairs of words (:func:`pair_view`, :func:`_gemv_bf16_pairs`): the low word shifted up and the high word
+pairs of words (:func:`pair_view`): the low word shifted up and the high word
 masked in place are both float32s, so a 64-byte load costs two integer operations and two FMAs instead of
 a widening move, a shift and an FMA per 16 words, and the input comes split into its even and odd elements
 so both products vectorise without shuffles. Streamed from memory, the benchmark model's 33 MB bf16
@@ -169,20 +169,6 @@ def _gemv(weight, x, out):  # pragma: no cover - compiled (one specialisation pe
         gemv_rows(weight, x, out, block, False)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_bf16_pairs(pairs, x_even, x_odd, out):  # pragma: no cover - compiled
-    """:func:`_gemv` for bf16 words read as 32-bit pairs (``pairs`` is the ``[N, K/2]`` uint32 view of
-    :func:`pair_view`), the even and odd elements of ``x`` as separate contiguous vectors."""
-    for block in prange((pairs.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        for row in range(block * ROW_BLOCK, min(pairs.shape[0], (block + 1) * ROW_BLOCK)):
-            acc = np.float32(0.0)
-            for j in range(pairs.shape[1]):
-                pair = pairs[row, j]
-                acc += (_bits_to_float32(pair << np.uint32(16)) * x_even[j]
-                        + _bits_to_float32(pair & np.uint32(0xFFFF0000)) * x_odd[j])
-            out[row] = acc
-
-
 def as_matrix(weight: torch.Tensor) -> np.ndarray:
     """The array :func:`gemv` reads for a float32 or bfloat16 ``[N, K]`` weight (bf16 as its 16-bit words)."""
     weight = weight.detach().contiguous()
@@ -202,8 +188,8 @@ def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
         pairs = pair_view(matrix)
-        if pairs.dtype == np.uint32:
-            _gemv_bf16_pairs(pairs, vector[0::2].copy(), vector[1::2].copy(), out.numpy()[0])
+        if pairs.dtype == np.uint32:  # the input as its even and odd elements, [2, K/2]
+            _gemv(pairs, np.ascontiguousarray(vector.reshape(-1, 2).T), out.numpy()[0])
         else:
             _gemv(matrix, vector, out.numpy()[0])
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, gemv_rows, launch_lock, na
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "d4a6a89271f264ee47a18dec9c31f83e61df2917e9c9bf41b44daedc20575ee4"
+GEMV_SOURCE_SHA256 = "e131745a8dd6744402a1ab245ad4c1ab1b4d1329ab1967e47b90a4c413ce9729"
 
 
 @njit(inline="always", fastmath=True)
