@@ -8,11 +8,11 @@ cores, each row a float32 dot product that LLVM vectorises with AVX-512 FMAs) re
 
 bfloat16 weights are read as 16-bit words and widened to float32 in registers (a bf16 value is the top
 half of a float32), so they cost half the bytes; the activations are bf16 values held in float32 and the
-result is rounded to bf16 once, as oneDNN's bf16 GEMM does. A bf16 matrix of even width is read as 32-bit
-pairs of words (:func:`pair_view`): the low word shifted up and the high word
-masked in place are both float32s, so a 64-byte load costs two integer operations and two FMAs instead of
-a widening move, a shift and an FMA per 16 words, and the input comes split into its even and odd elements
-so both products vectorise without shuffles. Streamed from memory, the benchmark model's 33 MB bf16
+result is rounded to bf16 once, as oneDNN's bf16 GEMM does. A bf16 matrix of even width is best read as
+32-bit pairs of words (:func:`pair_view`): the low word shifted up and the high word masked in place are
+both float32s, so a 64-byte load costs two integer operations and two FMAs instead of a widening move, a
+shift and an FMA per 16 words, and the input comes split into its even and odd elements so both products
+vectorise without shuffles. Streamed from memory, the benchmark model's 33 MB bf16
 ``lm_head`` reads at 25-31 GB/s this way against 23-25 GB/s word by word (medians of 40 calls, two runs)
 and 14 GB/s through ``F.linear``; its layer-sized matrices at 25-28 GB/s against 20-22.
 
@@ -180,14 +180,15 @@ def as_matrix(weight: torch.Tensor) -> np.ndarray:
 
 
 def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for one row ``x`` (``[1, K]``) and ``matrix = as_matrix(weight)``: a ``[1, N]`` tensor
+    """``x @ weight.T`` for one row ``x`` (``[1, K]``) and ``matrix = as_matrix(weight)`` or its
+    :func:`pair_view` (made here when not given, a view at no cost): a ``[1, N]`` tensor
     in ``x``'s dtype (float32, or bfloat16 for bf16 weights). Runs on ``torch.get_num_threads()`` cores (at
     most numba's)."""
     out = torch.empty((1, matrix.shape[0]), dtype=torch.float32)
     vector = x.reshape(-1).to(torch.float32).contiguous().numpy()
     with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
-        pairs = pair_view(matrix)
+        pairs = pair_view(matrix)  # itself if already pairs
         if pairs.dtype == np.uint32:  # the input as its even and odd elements, [2, K/2]
             _gemv(pairs, np.ascontiguousarray(vector.reshape(-1, 2).T), out.numpy()[0])
         else:

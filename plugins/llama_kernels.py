@@ -26,13 +26,12 @@ import torch
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads
 
-from llavakit.core.gemv import (ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, pair_input, pair_view, round_bf16,
-                                widen)
+from llavakit.core.gemv import ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, pair_input, round_bf16, widen
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "e131745a8dd6744402a1ab245ad4c1ab1b4d1329ab1967e47b90a4c413ce9729"
+GEMV_SOURCE_SHA256 = "c1c6267678b32a9ce1343dbf38b2ddf74c5d15bc935507b4550a7fd5d81fcbba"
 
 
 @njit(inline="always", fastmath=True)
@@ -237,11 +236,11 @@ def run_layers(x: np.ndarray, layers: list[tuple], keys: list[np.ndarray], value
                bf16: bool, eps: float, scale: float, num_heads: int, position: int, starts: np.ndarray,
                cos: np.ndarray, sin: np.ndarray) -> None:
     """Every layer of a decode step on ``x`` (``[B, hidden]``) in place. ``layers`` holds per layer (input norm,
-    qkv, output, post norm, gate/up, down) as from :func:`llavakit.core.gemv.as_matrix`, norms as float32
+    qkv, output, post norm, gate/up, down), the matrices as from :func:`llavakit.core.gemv.as_matrix` (bf16
+    ones best through :func:`~llavakit.core.gemv.pair_view`, as the llama plugin packs them), norms as float32
     arrays; ``keys`` and ``values`` the per-layer cache arrays of :func:`as_cache_array`; ``starts`` (int64
     ``[B]``) each row's first attended position."""
     with kernel_threads():
         for (input_norm, qkv, out, post_norm, gate_up, down), k, v in zip(layers, keys, values):
             decode_layer(x, bf16, np.float32(eps), np.float32(scale), num_heads, position, starts, cos, sin,
-                         input_norm, pair_view(qkv), pair_view(out), post_norm, pair_view(gate_up), pair_view(down),
-                         k, v)
+                         input_norm, qkv, out, post_norm, gate_up, down, k, v)
