@@ -131,6 +131,15 @@ class Scene:
         features that carry it let the language model find "the next shape" by matching one direction."""
         return self._canvas_winners(rows, cols, (0, 0, rows, cols), min_cover=min_cover, oversample=oversample)
 
+    def patch_labels_and_places(self, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`patch_labels` and :meth:`patch_places` together, from one drawing of the label map."""
+        places = self.patch_places(rows, cols)
+        return self._classes_by_place()[places], places
+
+    def _classes_by_place(self) -> np.ndarray:
+        """The :data:`PATCH_CLASSES` index of background (0) and of each shape, left to right."""
+        return np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
+
     def canvas_patch_labels(self, rows: int, cols: int, placement: tuple[float, float, float, float], *,
                             min_cover: float = 0.15, oversample: int = 8) -> np.ndarray:
         """Per-patch classes of a ``rows`` × ``cols`` patch canvas on which the image occupies ``placement``
@@ -138,8 +147,7 @@ class Scene:
         An AnyRes grid is such a canvas: the image resized keeping its aspect and centred on it, then cut into
         tiles (see :meth:`patch_labels` for how a patch's class is chosen)."""
         winner = self._canvas_winners(rows, cols, placement, min_cover=min_cover, oversample=oversample)
-        classes = np.array([0] + [patch_class(item.shape, item.color) for item in self.shapes], dtype=np.int64)
-        return classes[winner]
+        return self._classes_by_place()[winner]
 
     def _canvas_winners(self, rows: int, cols: int, placement: tuple[float, float, float, float], *,
                         min_cover: float, oversample: int) -> np.ndarray:

@@ -323,8 +323,8 @@ class SyntheticShapesSource:
         [rows, cols]``): the labels of a ``patch-labels`` training stage. (With ``samples_per_scene=1`` this is
         the scene :meth:`example` ``index`` shows.)"""
         scene, _ = self._scene(index)
-        return (scene.render(), torch.from_numpy(scene.patch_labels(rows, cols)),
-                torch.from_numpy(scene.patch_places(rows, cols)))
+        classes, places = scene.patch_labels_and_places(rows, cols)
+        return scene.render(), torch.from_numpy(classes), torch.from_numpy(places)
 
 
 # ------------------------------------------------------------------------------------------ encoding

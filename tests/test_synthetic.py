@@ -239,6 +239,8 @@ def test_patch_places_follow_the_order_of_a_description():
         scene = shapes.sample_scene(shapes.scene_rng(4, index))
         classes, places = scene.patch_labels(8, 8), scene.patch_places(8, 8)
         assert ((classes == 0) == (places == 0)).all()
+        together = scene.patch_labels_and_places(8, 8)
+        assert (together[0] == classes).all() and (together[1] == places).all()
         # Each place's patches carry exactly the class of that shape in the description, left to right.
         listed = [{int(c) for c in classes[places == k]} for k in range(1, len(scene.shapes) + 1)]
         described = shapes.describe(scene).rstrip(".").lower().split(", ")
