@@ -6,17 +6,19 @@ about 20 GB/s and ``F.linear`` at 9–15 GB/s, while this plain loop (rows in bl
 cores, each row a float32 dot product that LLVM vectorises with AVX-512 FMAs) reads the benchmark model's
 65 MB ``lm_head`` at about 44 GB/s and the small per-layer matrices twice as fast as MKL too.
 
-bfloat16 weights are read as 16-bit words and widened to float32 in registers (a bf16 value is the top
-half of a float32), so they cost half the bytes; the activations are bf16 values held in float32 and the
-result is rounded to bf16 once, as oneDNN's bf16 GEMM does. A bf16 matrix of even width is best read as
-32-bit pairs of words (:func:`pair_view`): the low word shifted up and the high word masked in place are
-both float32s, so a 64-byte load costs two integer operations and two FMAs instead of a widening move, a
-shift and an FMA per 16 words, and the input comes split into its even and odd elements so both products
-vectorise without shuffles. Streamed from memory, the benchmark model's 33 MB bf16
-``lm_head`` reads at 25-31 GB/s this way against 23-25 GB/s word by word (medians of 40 calls, two runs)
-and 14 GB/s through ``F.linear``; its layer-sized matrices at 25-28 GB/s against 20-22.
+bfloat16 weights cost half the bytes, and the activations are bf16 values too (the result is rounded to bf16
+once, as oneDNN's bf16 GEMM does). Where the CPU has AVX512-BF16, a row is read 32 words at a time by the
+bf16 dot-product instruction (``vdpbf16ps``: 32 exact products summed into 16 float32 lanes per 64-byte
+load), with the input as bf16 words too (:func:`dot_input`); the products of two bf16 values are exact in
+float32, so this is the same float32 sum in another order. Streamed from memory on the Zen 4 machine, the
+benchmark model's 33 MB ``lm_head`` reads at 29-30 GB/s this way and its layer-sized matrices at 26-31 GB/s,
+against 23 GB/s for the next best loop (the same run). Elsewhere, a bf16 matrix of even width is read as 32-bit
+pairs of words (:func:`pair_view`): the low word shifted up and the high word masked in place are both
+float32s, so a 64-byte load costs two integer operations and two FMAs instead of a widening move, a shift and
+an FMA per 16 words, and the input comes split into its even and odd elements so both products vectorise
+without shuffles. :func:`fast_layout` picks between the two.
 
-:func:`gemv_rows` is the loop body, shared with the fused decode-layer kernel of the llama plugin; the
+:func:`gemv_block` is the loop body, shared with the fused decode-layer kernel of the llama plugin; the
 helpers :func:`widen`, :func:`narrow` and :func:`round_bf16` let such kernels read and write bf16 data as
 PyTorch rounds it.
 
@@ -31,9 +33,10 @@ import threading
 
 import numpy as np
 import torch
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 #: Rows per parallel work item: small enough to balance two cores on a 512-row matrix, large enough that
@@ -44,8 +47,156 @@ ROW_BLOCK = 64
 launch_lock = threading.Lock()
 
 
+def _compiles_for(feature: str) -> bool:
+    """Whether numba compiles for a CPU with ``feature`` (an LLVM feature name): the host's, or those of the target
+    named by ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` (set for portable caches; it must then be listed)."""
+    if numba_config.CPU_NAME or numba_config.CPU_FEATURES:
+        return f"+{feature}" in (numba_config.CPU_FEATURES or "")
+    return bool(binding.get_host_cpu_features().get(feature, False))
+
+
+#: bf16 rows are read with the bf16 dot-product instruction (see the module docstring); decided once, at import.
+BF16_DOT = _compiles_for("avx512bf16")
+#: :class:`ArgmaxScreen` reads its int8 rows with the AVX512-VNNI byte dot-product instruction; without it there
+#: is no screen (a plain loop would not read int8 faster than the weights themselves).
+BYTE_DOT = _compiles_for("avx512vnni")
+
+
+class _BFloat16(ir.Type):
+    """LLVM's ``bfloat`` type, which llvmlite's IR builder does not name (it only needs the text)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat16)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_LANES = ir.VectorType(ir.FloatType(), 16)
+_WORDS = ir.VectorType(_BFloat16(), 32)
+_INT_LANES = ir.VectorType(ir.IntType(32), 16)
+#: Rows of a blocked matrix (:func:`blocked_layout`) that one 64-byte load covers: a float32 column, or a bf16 pair
+#: of columns, of 16 consecutive rows.
+BLOCK_ROWS = 16
+#: Inputs one weight load is multiplied with (a batch step's rows, eight at a time).
+GROUP = 8
+
+
+def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: no cover - compiled
+    """LLVM IR storing ``lanes[i] = blocks[block] · xs[first + i]`` (16 rows' outputs) for ``i < rows_of_x``.
+
+    ``blocks`` is a blocked matrix (:func:`blocked_layout`): each 64-byte load is one column (float32) or one
+    pair of columns (bf16 words) of 16 rows, which meets the matching input element (pair), broadcast, in one
+    FMA (or ``vdpbf16ps``: two exact products into each of 16 float32 lanes). Blocked int8 codes
+    (:class:`ArgmaxScreen`) hold four columns per lane and meet four uint8 inputs in ``vpdpbusd``, summed
+    exactly in int32 (four products of at most 255 * 127 per column group: no overflow below 66,000 columns). No horizontal sums: lane ``r``
+    is row ``r``'s output. Per input, columns alternate between two accumulators, added at the end, so every
+    input (and any ``rows_of_x``) gets the same order: a row of a batch gets the bits it gets alone."""
+    i32, i64, byte = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+    blocks_type, xs_type, lanes_type = signature.args[0], signature.args[2], signature.args[5]
+    blocks = context.make_array(blocks_type)(context, builder, args[0])
+    inputs = context.make_array(xs_type)(context, builder, args[2])
+    lanes = context.make_array(lanes_type)(context, builder, args[5])
+    block = context.cast(builder, args[1], signature.args[1], types.int64)
+    first = context.cast(builder, args[3], signature.args[3], types.int64)
+    count = context.cast(builder, args[4], signature.args[4], types.int64)
+    block_start = builder.gep(builder.bitcast(blocks.data, byte),
+                              [builder.mul(block, builder.extract_value(blocks.strides, 0))])
+    x_stride = builder.extract_value(inputs.strides, 0)
+    x_starts = [builder.gep(builder.bitcast(inputs.data, byte), [builder.mul(builder.add(first, ir.Constant(i64, i)), x_stride)])
+                for i in range(rows_of_x)]
+    accumulator = _LANES
+    if blocks_type.dtype == types.uint16:
+        weight_type, element = _WORDS, i32  # a pair of bf16 words, read as one 32-bit element
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
+                                             "llvm.x86.avx512bf16.dpbf16ps.512")
+        multiply_add = lambda acc, w, v: builder.call(dot, [acc, w, builder.bitcast(v, _WORDS)])  # noqa: E731
+    elif blocks_type.dtype == types.int8:  # four int8 codes per lane against four uint8 inputs, summed exactly
+        weight_type = element = accumulator = _INT_LANES
+        element = i32
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INT_LANES, [_INT_LANES] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        multiply_add = lambda acc, w, v: builder.call(dot, [acc, v, w])  # noqa: E731  (unsigned input first)
+    else:
+        weight_type, element = _LANES, ir.FloatType()
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
+        multiply_add = lambda acc, w, v: builder.call(fma, [w, v, acc])  # noqa: E731
+    splat_type = ir.VectorType(element, 16)
+
+    def step(accumulators, column):
+        address = builder.gep(block_start, [builder.mul(column, ir.Constant(i64, 64))])
+        w = builder.load(builder.bitcast(address, weight_type.as_pointer()), align=4)
+        out = []
+        for acc, x_start in zip(accumulators, x_starts):
+            value = builder.load(builder.bitcast(builder.gep(x_start, [builder.mul(column, ir.Constant(i64, 4))]),
+                                                 element.as_pointer()), align=2)
+            splat = builder.insert_element(ir.Constant(splat_type, None), value, ir.Constant(i32, 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+            out.append(multiply_add(acc, w, splat))
+        return out
+
+    zero = ir.Constant(accumulator, [0 if accumulator is _INT_LANES else 0.0] * 16)
+    entry = builder.block
+    head, body, tail, last, done = (builder.append_basic_block(f"blockdot.{name}")
+                                    for name in ("head", "body", "tail", "last", "done"))
+    builder.branch(head)
+    builder.position_at_end(head)  # two columns per turn while two remain
+    column = builder.phi(i64)
+    firsts = [builder.phi(accumulator) for _ in x_starts]
+    seconds = [builder.phi(accumulator) for _ in x_starts]
+    column.add_incoming(ir.Constant(i64, 0), entry)
+    for phi in firsts + seconds:
+        phi.add_incoming(zero, entry)
+    builder.cbranch(builder.icmp_signed("<", builder.add(column, ir.Constant(i64, 1)), count), body, tail)
+    builder.position_at_end(body)
+    firsts_next = step(firsts, column)
+    seconds_next = step(seconds, builder.add(column, ir.Constant(i64, 1)))
+    column.add_incoming(builder.add(column, ir.Constant(i64, 2)), body)
+    for phi, value in zip(firsts + seconds, firsts_next + seconds_next):
+        phi.add_incoming(value, body)
+    builder.branch(head)
+    builder.position_at_end(tail)  # an odd column left over
+    builder.cbranch(builder.icmp_signed("<", column, count), last, done)
+    builder.position_at_end(last)
+    firsts_last = step(firsts, column)
+    builder.branch(done)
+    builder.position_at_end(done)
+    totals = [builder.phi(accumulator) for _ in x_starts]  # every phi first, as LLVM requires
+    for total, first_acc, first_last in zip(totals, firsts, firsts_last):
+        total.add_incoming(first_acc, tail)
+        total.add_incoming(first_last, last)
+    lanes_start = builder.bitcast(lanes.data, byte)
+    lanes_stride = builder.extract_value(lanes.strides, 0)
+    for i, (total, second) in enumerate(zip(totals, seconds)):
+        address = builder.gep(lanes_start, [builder.mul(ir.Constant(i64, i), lanes_stride)])
+        total = builder.add(total, second) if accumulator is _INT_LANES else builder.fadd(total, second)
+        builder.store(total, builder.bitcast(address, accumulator.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
 @intrinsic
-def _bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
+def _block_dot(typingctx, blocks, block, xs, first, columns, lanes):  # pragma: no cover - compiled
+    """``lanes[0] = blocks[block] · xs[first]`` over ``columns`` 64-byte columns (:func:`_emit_block_dots`)."""
+    def codegen(context, builder, signature, args):
+        return _emit_block_dots(context, builder, signature, args, 1)
+
+    return types.none(blocks, block, xs, first, columns, lanes), codegen
+
+
+@intrinsic
+def _block_dots8(typingctx, blocks, block, xs, first, columns, lanes):  # pragma: no cover - compiled
+    """``lanes[i] = blocks[block] · xs[first + i]`` for 8 inputs, each weight load used 8 times."""
+    def codegen(context, builder, signature, args):
+        return _emit_block_dots(context, builder, signature, args, GROUP)
+
+    return types.none(blocks, block, xs, first, columns, lanes), codegen
+
+
+@intrinsic
+def bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
     """Reinterpret a uint32 as the float32 with those bits (no conversion)."""
 
     def codegen(context, builder, signature, args):
@@ -55,7 +206,19 @@ def _bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
 
 
 @intrinsic
-def _float32_to_bits(typingctx, value):  # pragma: no cover - compiled
+def fma32(typingctx, a, b, c):  # pragma: no cover - compiled
+    """``a * b + c`` in float32 with one rounding (LLVM's ``fma``, which vectorises), and never reassociated by
+    the fast-math flags of the kernel it is inlined into: for reductions whose order carries the accuracy."""
+    def codegen(context, builder, signature, args):
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3),
+                                             "llvm.fma.f32")
+        return builder.call(fma, list(args))
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def float32_to_bits(typingctx, value):  # pragma: no cover - compiled
     """The bits of a float32 as a uint32 (no conversion)."""
 
     def codegen(context, builder, signature, args):
@@ -73,7 +236,7 @@ def widen(value):  # pragma: no cover - replaced by the overload below inside co
 def _widen_for(value):
     """A weight element as float32: itself, or (a bf16 stored as its 16-bit word) the top half of a float32."""
     if value == types.uint16:
-        return lambda value: _bits_to_float32(np.uint32(value) << np.uint32(16))
+        return lambda value: bits_to_float32(np.uint32(value) << np.uint32(16))
     return lambda value: value
 
 
@@ -81,9 +244,9 @@ def _widen_for(value):
 def round_bf16(value):  # pragma: no cover - compiled
     """A float32 rounded to the nearest bfloat16 (ties to even), still held as a float32: what storing a value
     in a bf16 tensor does. Inside numba kernels, so fused code rounds where PyTorch's bf16 ops would."""
-    bits = _float32_to_bits(value)
+    bits = float32_to_bits(value)
     bits = np.uint32((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
-    return _bits_to_float32(bits)
+    return bits_to_float32(bits)
 
 
 def narrow(value, like):  # pragma: no cover - replaced by the overload below inside compiled code
@@ -94,14 +257,14 @@ def narrow(value, like):  # pragma: no cover - replaced by the overload below in
 @overload(narrow)
 def _narrow_for(value, like):
     if like == types.uint16:
-        return lambda value, like: np.uint16(_float32_to_bits(round_bf16(value)) >> np.uint32(16))
+        return lambda value, like: np.uint16(float32_to_bits(round_bf16(value)) >> np.uint32(16))
     return lambda value, like: value
 
 
 def row_dot(weight, row, x):  # pragma: no cover - replaced by the overload below inside compiled code
-    """Inside numba kernels: ``weight[row] · x`` in float32. ``weight`` is float32, bf16 words (uint16), or bf16
-    words read as 32-bit pairs (uint32, ``[N, K/2]``); for pairs ``x`` is ``[2, K/2]``, its even elements then
-    its odd ones (:func:`pair_input`)."""
+    """Inside numba kernels: ``weight[row] · x`` in float32 for a row-major ``weight``: float32, bf16 words
+    (uint16), or bf16 words read as 32-bit pairs (uint32, ``[N, K/2]``); ``x`` as :func:`dot_input` gives it
+    (float32, or for pairs ``[2, K/2]``: its even elements, then its odd ones)."""
     raise NotImplementedError
 
 
@@ -112,27 +275,68 @@ def _row_dot_for(weight, row, x):
             acc = np.float32(0.0)
             for j in range(weight.shape[1]):
                 pair = weight[row, j]
-                acc += (_bits_to_float32(pair << np.uint32(16)) * x[0, j]
-                        + _bits_to_float32(pair & np.uint32(0xFFFF0000)) * x[1, j])
+                acc += (bits_to_float32(pair << np.uint32(16)) * x[0, j]
+                        + bits_to_float32(pair & np.uint32(0xFFFF0000)) * x[1, j])
             return acc
         return dot_pairs
 
     def dot(weight, row, x):
         acc = np.float32(0.0)
         for j in range(x.shape[0]):
-            acc += widen(weight[row, j]) * x[j]
+            acc += widen(weight[row, j]) * widen(x[j])
         return acc
     return dot
 
 
-def pair_input(x, weight):  # pragma: no cover - replaced by the overload below inside compiled code
-    """Inside numba kernels: the rows of ``x`` (``[B, K]``) as :func:`row_dot` reads them for ``weight``: as they
-    are, or for a pair-read (uint32) weight split into ``[B, 2, K/2]`` even and odd elements."""
+def _is_blocked(weight) -> bool:
+    """Whether a numba type is a blocked matrix: the ``(blocks, rows, columns)`` tuple of :func:`blocked_layout`."""
+    return isinstance(weight, types.BaseTuple)
+
+
+def matrix_rows(weight):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: the number of rows (outputs) of a row-major or blocked matrix."""
     raise NotImplementedError
 
 
-@overload(pair_input)
-def _pair_input_for(x, weight):
+@overload(matrix_rows)
+def _matrix_rows_for(weight):
+    if _is_blocked(weight):
+        return lambda weight: weight[1]
+    return lambda weight: weight.shape[0]
+
+
+def dot_input(x, weight):  # pragma: no cover - replaced by the overload below inside compiled code
+    """Inside numba kernels: the rows of ``x`` (float32 ``[B, K]``, bf16 values for bf16 weights) as
+    :func:`gemv_block` reads them for ``weight``. For a blocked matrix: float32, or bf16 words (an odd width
+    gets a zero column) for bf16 blocks, with zero rows up to a multiple of :data:`GROUP` for a batch
+    (``B > 1``), read but never stored. For row-major pairs (uint32): split into ``[B, 2, K/2]`` even and odd
+    elements. Otherwise as it is."""
+    raise NotImplementedError
+
+
+@njit(inline="always")
+def _padded_rows(batch):  # pragma: no cover - compiled
+    return batch if batch == 1 else -(-batch // GROUP) * GROUP
+
+
+@overload(dot_input)
+def _dot_input_for(x, weight):
+    if _is_blocked(weight) and weight[0].dtype == types.uint16:
+        def words(x, weight):
+            out = np.zeros((_padded_rows(x.shape[0]), 2 * weight[0].shape[1]), np.uint16)
+            for b in range(x.shape[0]):
+                for j in range(x.shape[1]):
+                    out[b, j] = narrow(x[b, j], out[0, 0])
+            return out
+        return words
+    if _is_blocked(weight):
+        def padded(x, weight):
+            if x.shape[0] == 1:
+                return x
+            out = np.zeros((_padded_rows(x.shape[0]), x.shape[1]), np.float32)
+            out[:x.shape[0]] = x
+            return out
+        return padded
     if weight.dtype == types.uint32:
         def split(x, weight):
             out = np.empty((x.shape[0], 2, x.shape[1] // 2), np.float32)
@@ -147,26 +351,250 @@ def _pair_input_for(x, weight):
 
 def pair_view(matrix: np.ndarray) -> np.ndarray:
     """A bf16-word matrix of even width as its ``[N, K/2]`` uint32 pairs (no copy), the faster way
-    :func:`row_dot` reads bf16 (see the module docstring); any other matrix as it is."""
+    :func:`row_dot` reads bf16 without bf16 dot products (see the module docstring); any other matrix as it is."""
     if matrix.dtype == np.uint16 and matrix.shape[-1] % 2 == 0 and matrix.flags.c_contiguous:
         return matrix.view(np.uint32)
     return matrix
 
 
-@njit(inline="always", fastmath=True)
-def gemv_rows(weight, x, out, block, bf16):  # pragma: no cover - compiled
-    """``out[r] = weight[r] · x`` for the rows of work item ``block`` (``ROW_BLOCK`` rows), summed in float32 and
-    rounded to bf16 when ``bf16``: the body of every parallel matrix-vector product here and in fused kernels."""
-    stop = min(weight.shape[0], (block + 1) * ROW_BLOCK)
-    for row in range(block * ROW_BLOCK, stop):
+def blocked_layout(matrix: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """A row-major float32 or bf16-word ``[N, K]`` matrix (:func:`as_matrix`) as ``(blocks, N, K)``: a copy in
+    blocks of :data:`BLOCK_ROWS` rows where each 64-byte line holds one column (float32: ``[N/16, K, 16]``) or
+    one pair of columns (bf16: ``[N/16, K/2, 16, 2]``) of the block's rows, rows and columns padded with zeros.
+    The products then need no horizontal sums, and a batch's rows share every load (see
+    :func:`_emit_block_dots`)."""
+    rows, columns = matrix.shape
+    padded_rows = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+    if matrix.dtype == np.uint16:
+        padded = np.zeros((padded_rows, columns + columns % 2), np.uint16)
+        padded[:rows, :columns] = matrix
+        blocks = padded.reshape(padded_rows // BLOCK_ROWS, BLOCK_ROWS, padded.shape[1] // 2, 2).transpose(0, 2, 1, 3)
+    else:
+        padded = np.zeros((padded_rows, columns), np.float32)
+        padded[:rows] = matrix
+        blocks = padded.reshape(padded_rows // BLOCK_ROWS, BLOCK_ROWS, columns).transpose(0, 2, 1)
+    return np.ascontiguousarray(blocks), rows, columns
+
+
+def fast_layout(matrix: np.ndarray) -> np.ndarray | tuple[np.ndarray, int, int]:
+    """``matrix`` (from :func:`as_matrix`) as this CPU reads it fastest: float32 blocked
+    (:func:`blocked_layout`, a copy); bf16 blocked where the CPU has bf16 dot products (:data:`BF16_DOT`),
+    else as 32-bit pairs (:func:`pair_view`, no copy)."""
+    if matrix.dtype == np.float32 or BF16_DOT:
+        return blocked_layout(matrix)
+    return pair_view(matrix)
+
+
+@njit(fastmath=True, cache=True)
+def row_value(weight, row, x, bf16):  # pragma: no cover - compiled
+    """``weight[row] · x`` summed in float32, rounded to bf16 when ``bf16``, ``x`` one row of :func:`dot_input`'s
+    output: one output of every product here, with the bits the full product gives it (for a blocked matrix,
+    its block is computed and the row's lane taken), so that a value computed alone (:func:`screened_argmax`'s
+    candidates) is the full product's."""
+    return _row_value(weight, row, x, bf16)
+
+
+def _row_value(weight, row, x, bf16):  # pragma: no cover - replaced by the overload below inside compiled code
+    raise NotImplementedError
+
+
+@overload(_row_value)
+def _row_value_for(weight, row, x, bf16):
+    if _is_blocked(weight):
+        def blocked(weight, row, x, bf16):
+            lanes = np.empty((1, BLOCK_ROWS), np.float32)
+            _block_dot(weight[0], row // BLOCK_ROWS, x.reshape((1, x.shape[0])), 0, weight[0].shape[1], lanes)
+            value = lanes[0, row % BLOCK_ROWS]
+            return round_bf16(value) if bf16 else value
+        return blocked
+
+    def row_major(weight, row, x, bf16):
         acc = row_dot(weight, row, x)
-        out[row] = round_bf16(acc) if bf16 else acc
+        return round_bf16(acc) if bf16 else acc
+    return row_major
+
+
+def gemv_block(weight, xs, out, block, bf16):  # pragma: no cover - replaced by the overload below
+    """Inside numba kernels: ``out[b, r] = weight[r] · xs[b]`` for every row ``b`` of ``out`` and the rows ``r`` of
+    work item ``block`` (:data:`ROW_BLOCK` rows), ``xs`` as :func:`dot_input` gives it: the body of every
+    parallel matrix-vector product here and in fused kernels. Each value is :func:`row_value`'s, bit for bit,
+    whatever the batch."""
+    raise NotImplementedError
+
+
+@overload(gemv_block)
+def _gemv_block_for(weight, xs, out, block, bf16):
+    if _is_blocked(weight):
+        def blocked(weight, xs, out, block, bf16):
+            blocks, rows = weight[0], weight[1]
+            lanes = np.empty((GROUP, BLOCK_ROWS), np.float32)
+            stop = min(blocks.shape[0], (block + 1) * (ROW_BLOCK // BLOCK_ROWS))
+            for index in range(block * (ROW_BLOCK // BLOCK_ROWS), stop):
+                count = min(BLOCK_ROWS, rows - index * BLOCK_ROWS)
+                for first in range(0, out.shape[0], GROUP):
+                    if out.shape[0] == 1:
+                        _block_dot(blocks, index, xs, 0, blocks.shape[1], lanes)
+                    else:
+                        _block_dots8(blocks, index, xs, first, blocks.shape[1], lanes)
+                    for i in range(min(GROUP, out.shape[0] - first)):
+                        for lane in range(count):
+                            value = lanes[i, lane]
+                            out[first + i, index * BLOCK_ROWS + lane] = round_bf16(value) if bf16 else value
+        return blocked
+
+    def row_major(weight, xs, out, block, bf16):
+        stop = min(weight.shape[0], (block + 1) * ROW_BLOCK)
+        for row in range(block * ROW_BLOCK, stop):
+            for b in range(out.shape[0]):
+                out[b, row] = row_value(weight, row, xs[b], bf16)
+    return row_major
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv(weight, x, out):  # pragma: no cover - compiled (one specialisation per weight dtype)
-    for block in prange((weight.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        gemv_rows(weight, x, out, block, False)
+def _gemv(weight, xs, out):  # pragma: no cover - compiled (one specialisation per weight layout and dtype)
+    xs_in = dot_input(xs, weight)
+    for block in prange((matrix_rows(weight) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(weight, xs_in, out, block, False)
+
+
+# ------------------------------------------------------------------------ the argmax of a product, exactly
+# A greedy decode step needs only the row of ``lm_head`` whose product with the hidden state is largest. An
+# int8 copy of the matrix (a quarter of float32's bytes, half of bf16's) gives every product to within a
+# bound that holds for every row; only rows whose upper bound reaches the best lower bound can win, and only
+# those are computed from the weights, by the very function the full product uses. So the winner, ties to
+# the first index included, is the full product's argmax bit for bit, not an approximation of it.
+#
+# For row i, w = s q + e (per-row scale s = max|w| / 127, int8 codes q, e exact in float64) and the input
+# x = t r + d (t = max|x| / 127, int8 codes r, d exact). Then w·x = s t (q·r) + s q·d + e·x, and q·r is
+# an exact integer (``vpdpbusd``), so |w·x - s t (q·r)| <= s |q| |d| + |e| |x| (Cauchy-Schwarz, 2-norms).
+# The value the full product gives differs from w·x by its float32 summation, at most
+# gamma_K |w| |x| (gamma_K = K u / (1 - K u), u = 2^-24, any order, FMAs included), then by bf16 rounding,
+# at most 2^-8 of its size. The per-row factors of |d| and |x| are kept precomputed. The bound is inflated by 1e-6 of itself (for the float64 arithmetic that
+# computes it) plus 1e-30 (denormals flushed by the bf16 instruction).
+
+#: Columns of an :class:`ArgmaxScreen`'s ``stats``: the scale s, the sum of the codes, the factor of |d| (s |q|),
+#: the factor of |x| (|e| + gamma_K |w|) and |w|, the last three rounded up.
+SCREEN_SCALE, SCREEN_CODE_SUM, SCREEN_RESIDUAL_FACTOR, SCREEN_INPUT_FACTOR, SCREEN_WEIGHT_NORM = range(5)
+
+
+class ArgmaxScreen:
+    """An int8 copy of a ``[N, K]`` weight with per-row bounds, for :func:`screened_argmax` (see above).
+
+    ``codes`` is blocked as the products' weights are (:func:`blocked_layout`: ``[N/16, K/4, 16, 4]`` int8, four
+    columns of 16 rows per 64-byte line, zeros added), ``stats`` ``[N, 5]`` float64. It costs about ``N * K``
+    bytes and is built once from the weight (0.2 s for 32064 x 512), in float64 blocks of rows so that a large
+    vocabulary needs little extra memory. :meth:`build` refuses (returns ``None``) a weight with a non-finite
+    value, where no bound holds, and CPUs without AVX512-VNNI (:data:`BYTE_DOT`)."""
+
+    def __init__(self, codes: np.ndarray, stats: np.ndarray, width: int):
+        self.codes, self.stats, self.width = codes, stats, width
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, rows_at_once: int = 4096) -> ArgmaxScreen | None:
+        if not BYTE_DOT or weight.dim() != 2:
+            return None
+        rows, width = weight.shape
+        gamma = width * 2.0 ** -24 / (1 - width * 2.0 ** -24)  # float32 summation of ``width`` products, any order
+        padded_rows = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+        row_major = np.zeros((padded_rows, -(-width // 4) * 4), np.int8)
+        stats = np.empty((rows, 5), np.float64)
+        for start in range(0, rows, rows_at_once):
+            w = weight[start:start + rows_at_once].detach().to(torch.float64)
+            if not bool(torch.isfinite(w).all()):
+                return None
+            scale = w.abs().amax(dim=1) / 127
+            q = (w / torch.where(scale > 0, scale, 1)[:, None]).round().clamp(-127, 127)
+            error = w - scale[:, None] * q  # exact: a float32 scale times a 7-bit integer fits a float64
+            block = stats[start:start + w.shape[0]]
+            weight_norm = w.norm(dim=1)
+            block[:, SCREEN_SCALE] = scale.numpy()
+            block[:, SCREEN_CODE_SUM] = q.sum(dim=1).numpy()
+            block[:, SCREEN_RESIDUAL_FACTOR] = (scale * q.norm(dim=1)).numpy()
+            block[:, SCREEN_INPUT_FACTOR] = (error.norm(dim=1) + gamma * weight_norm).numpy()
+            block[:, SCREEN_WEIGHT_NORM] = weight_norm.numpy()
+            row_major[start:start + w.shape[0], :width] = q.to(torch.int8).numpy()
+        stats[:, SCREEN_RESIDUAL_FACTOR:] *= 1 + 1e-12  # computed in float64: rounded up
+        codes = row_major.reshape(padded_rows // BLOCK_ROWS, BLOCK_ROWS, row_major.shape[1] // 4, 4).transpose(0, 2, 1, 3)
+        return cls(np.ascontiguousarray(codes), stats, width)
+
+    def scratch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The scratch :func:`screened_argmax` needs for up to ``batch_size`` inputs (allocated once, so a step
+        allocates nothing this size)."""
+        rows = self.stats.shape[0]
+        return np.empty((batch_size, rows)), np.empty((batch_size, -(-rows // ROW_BLOCK)))
+
+
+@njit(parallel=True, cache=True)
+def screened_argmax(weight, xs_in, xs, bf16, codes, stats, upper, block_low, best):  # pragma: no cover - compiled
+    """``best[b]`` = the argmax over rows of :func:`row_value` (``weight``, ``xs_in[b]`` as :func:`dot_input`
+    gives it) for every row ``b`` of ``xs`` (the inputs as float32 values, ``[B, K]``): the first index among
+    equal maxima, a NaN winning as in ``torch.argmax``, found through the screen ``codes``/``stats`` of
+    ``weight`` (:class:`ArgmaxScreen`). Each code line is read once for the whole batch. ``upper`` (``[B, N]``)
+    and ``block_low`` (``[B, N / ROW_BLOCK]``) are scratch. No fast-math here: the bounds and the NaN test must
+    hold as written."""
+    batch, width = xs.shape
+    rows = matrix_rows(weight)
+    rounding = 2.0 ** -8 if bf16 else 0.0
+    largest_weight = stats[:, SCREEN_WEIGHT_NORM].max()
+    # Each input as codes: x = step * code + residual, codes shifted by 128 into the unsigned bytes vpdpbusd reads.
+    shifted = np.full((batch if batch == 1 else -(-batch // GROUP) * GROUP, 4 * codes.shape[1]), 128, np.uint8)
+    steps, x_norms, residual_norms = np.empty(batch), np.empty(batch), np.empty(batch)
+    finite = np.empty(batch, np.bool_)
+    for b in range(batch):
+        norm_sq, top = 0.0, 0.0
+        for j in range(width):
+            value = np.float64(xs[b, j])
+            norm_sq += value * value
+            top = max(top, abs(value))
+        x_norms[b] = np.sqrt(norm_sq) * (1 + 1e-12)
+        finite[b] = np.isfinite(x_norms[b]) and x_norms[b] * largest_weight < 1e30
+        steps[b] = top / 127 if top > 0 else 1.0
+        residual_sq = 0.0
+        for j in range(width):
+            code = min(127.0, max(-127.0, np.round(np.float64(xs[b, j]) / steps[b]))) if finite[b] else 0.0
+            shifted[b, j] = np.uint8(code + 128)
+            residual = np.float64(xs[b, j]) - steps[b] * code
+            residual_sq += residual * residual
+        residual_norms[b] = np.sqrt(residual_sq) * (1 + 1e-12)
+    per_item = ROW_BLOCK // BLOCK_ROWS
+    for item in prange(block_low.shape[1]):
+        lanes = np.empty((GROUP, BLOCK_ROWS), np.int32)
+        for b in range(batch):
+            block_low[b, item] = -np.inf
+        for index in range(item * per_item, min(codes.shape[0], (item + 1) * per_item)):
+            for first in range(0, batch, GROUP):
+                if batch == 1:
+                    _block_dot(codes, index, shifted, 0, codes.shape[1], lanes)
+                else:
+                    _block_dots8(codes, index, shifted, first, codes.shape[1], lanes)
+                for i in range(min(GROUP, batch - first)):
+                    b = first + i
+                    low = block_low[b, item]  # a local: the stores to ``upper`` could alias it
+                    for lane in range(min(BLOCK_ROWS, rows - index * BLOCK_ROWS)):
+                        row = index * BLOCK_ROWS + lane
+                        if not finite[b]:  # every row is a candidate
+                            upper[b, row] = np.inf
+                            continue
+                        dot = np.int64(lanes[i, lane]) - 128 * np.int64(stats[row, SCREEN_CODE_SUM])
+                        estimate = stats[row, SCREEN_SCALE] * steps[b] * np.float64(dot)
+                        bound = (stats[row, SCREEN_RESIDUAL_FACTOR] * residual_norms[b]
+                                 + stats[row, SCREEN_INPUT_FACTOR] * x_norms[b])
+                        bound = (bound * (1 + rounding) + rounding * abs(estimate)) * (1 + 1e-6) + 1e-30
+                        upper[b, row] = estimate + bound
+                        low = max(low, estimate - bound)
+                    block_low[b, item] = low
+    for b in prange(batch):
+        threshold = block_low[b].max() if finite[b] else -np.inf
+        best[b] = -1
+        best_value = np.float32(0.0)
+        for row in range(rows):
+            if upper[b, row] >= threshold:
+                value = row_value(weight, row, xs_in[b], bf16)
+                if value != value:
+                    best[b] = row
+                    break
+                if best[b] < 0 or value > best_value:
+                    best[b], best_value = row, value
 
 
 def as_matrix(weight: torch.Tensor) -> np.ndarray:
@@ -179,18 +607,37 @@ def as_matrix(weight: torch.Tensor) -> np.ndarray:
     return weight.numpy()
 
 
-def gemv(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for one row ``x`` (``[1, K]``) and ``matrix = as_matrix(weight)`` or its
-    :func:`pair_view` (made here when not given, a view at no cost): a ``[1, N]`` tensor
-    in ``x``'s dtype (float32, or bfloat16 for bf16 weights). Runs on ``torch.get_num_threads()`` cores (at
-    most numba's)."""
-    out = torch.empty((1, matrix.shape[0]), dtype=torch.float32)
-    vector = x.reshape(-1).to(torch.float32).contiguous().numpy()
+def gemv(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for rows ``x`` (``[B, K]``, a few: each weight load serves up to :data:`GROUP` of them) and
+    ``matrix = as_matrix(weight)``, its :func:`fast_layout`, :func:`blocked_layout` or :func:`pair_view`: a
+    ``[B, N]`` tensor in ``x``'s dtype (float32, or bfloat16 for bf16 weights). Runs on
+    ``torch.get_num_threads()`` cores (at most numba's)."""
+    rows = matrix[1] if isinstance(matrix, tuple) else matrix.shape[0]
+    values = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    out = torch.empty((values.shape[0], rows), dtype=torch.float32)
     with launch_lock:
         set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
-        pairs = pair_view(matrix)  # itself if already pairs
-        if pairs.dtype == np.uint32:  # the input as its even and odd elements, [2, K/2]
-            _gemv(pairs, np.ascontiguousarray(vector.reshape(-1, 2).T), out.numpy()[0])
-        else:
-            _gemv(matrix, vector, out.numpy()[0])
+        _gemv(matrix, values.numpy(), out.numpy())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def gemv_argmax(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor,
+                screen: ArgmaxScreen | None = None) -> torch.Tensor:
+    """``argmax(gemv(matrix, row))`` for every row of ``x`` (``[B, K]``), an int64 ``[B]``, found through ``screen``
+    (an :class:`ArgmaxScreen` of the same weight) without computing most products; without a screen, from
+    the full product."""
+    if screen is None:
+        return gemv(matrix, x).float().argmax(-1)
+    values = x.to(torch.float32).contiguous().numpy()
+    best = np.empty(x.shape[0], np.int64)
+    upper, block_low = screen.scratch(x.shape[0])
+    with launch_lock:
+        set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
+        _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, upper, block_low,
+                            best)
+    return torch.from_numpy(best)
+
+
+@njit(cache=True)
+def _screened_argmax_of(weight, xs, bf16, codes, stats, upper, block_low, best):  # pragma: no cover - compiled
+    screened_argmax(weight, dot_input(xs, weight), xs, bf16, codes, stats, upper, block_low, best)

@@ -355,9 +355,15 @@ def generate_steps(
         kv_cache=cache,
         logits_to_keep=1,
     ).logits[:, -1]
+    # Plain greedy decoding needs only each step's winner, which the language model may find without writing out
+    # every logit (decode_greedy); the first step's comes from the prefill's logits as always.
+    greedy = not config.do_sample and seen is None
+    chosen = None  # the step's tokens, when the language model picked them
     for step in range(config.max_new_tokens):
-        scores = process_logits(logits.float(), seen, config)
-        tokens = choose_tokens(scores, config, generator)
+        if chosen is not None:
+            tokens = chosen
+        else:
+            tokens = choose_tokens(process_logits(logits.float(), seen, config), config, generator)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
         finished_before = finished.tolist() if stop_matcher is not None else None
         if seen is not None:
@@ -374,9 +380,12 @@ def generate_steps(
         if step + 1 == config.max_new_tokens or bool(finished.all()):
             return
         mask = None if full_mask is None else full_mask[:, : prompt_length + step + 1]
-        logits = language_model.decode_step(
-            tokens, position_ids=positions + step, attention_mask=mask, kv_cache=cache
-        )
+        if greedy:
+            chosen = language_model.decode_greedy(tokens, position_ids=positions + step, attention_mask=mask,
+                                                  kv_cache=cache)
+        else:
+            logits = language_model.decode_step(tokens, position_ids=positions + step, attention_mask=mask,
+                                                kv_cache=cache)
 
 
 def generate(

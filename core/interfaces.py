@@ -178,6 +178,22 @@ class LanguageModel(nn.Module, ABC):
         )
         return self.logits(hidden)[:, -1]
 
+    def decode_greedy(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """One greedy step: the next token of each row (``[B]``), the argmax of :meth:`decode_step`'s logits (the
+        first index among equal maxima, as ``torch.argmax``). Greedy generation without logit processors calls
+        this instead, so an implementation may skip work that cannot change the winner (writing out every
+        logit, say); it must return exactly what the argmax of the logits would."""
+        return self.decode_step(
+            tokens, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache
+        ).argmax(dim=-1)
+
     def new_kv_cache(
         self, batch_size: int, capacity: int, *, dtype: torch.dtype | None = None, device=None
     ) -> KVCache:

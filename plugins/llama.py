@@ -235,20 +235,49 @@ class LlamaDecoder(LanguageModel):
     def decode_step(self, tokens, *, position_ids, attention_mask, kv_cache):
         """One token per row, with the weights of :class:`DecodeWeights` and no per-step allocation beyond
         activations. Same math as :meth:`forward`; with grad enabled on trainable weights it is :meth:`forward`."""
+        return self._step(tokens, position_ids, attention_mask, kv_cache, greedy=False)
+
+    def decode_greedy(self, tokens, *, position_ids, attention_mask, kv_cache):
+        """:meth:`decode_step`'s argmax; on the one-kernel path the kernel picks it, and no logits are written out."""
+        return self._step(tokens, position_ids, attention_mask, kv_cache, greedy=True)
+
+    def _step(self, tokens, position_ids, attention_mask, kv_cache: KVCache, *, greedy: bool) -> torch.Tensor:
         if torch.is_grad_enabled() and self.lm_head.weight.requires_grad:
-            return super().decode_step(tokens, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
-        weights = self.decode_weights(tokens.shape[0])
+            logits = super().decode_step(tokens, position_ids=position_ids, attention_mask=attention_mask,
+                                         kv_cache=kv_cache)
+            return logits.argmax(dim=-1) if greedy else logits
+        weights = self._step_weights(tokens.shape[0], kv_cache)
+        config = self.config
+        batch, heads, kv_heads, head_dim = tokens.shape[0], config.num_heads, config.num_kv_heads, config.head_dim
+        fast = weights.fused is not None or weights.norms is not None
+        starts = None
+        if fast and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
+            starts = self._attended_from(attention_mask, batch, kv_cache.length + 1)
+        if starts is not None and weights.fused is not None:
+            return self._fused_step(tokens, position_ids, weights, kv_cache, starts, greedy=greedy)
+        logits = self._unfused_step(tokens, position_ids, attention_mask, kv_cache, weights, starts)
+        return logits.argmax(dim=-1) if greedy else logits
+
+    def _step_weights(self, batch_size: int, kv_cache: KVCache) -> DecodeWeights:
+        """:meth:`decode_weights` for steps on ``kv_cache``, checked against the parameters on its first step
+        only: with the CPU caches cold from streaming the weights, the check cost 0.2 ms of a 3-4 ms step. So a
+        parameter changed between two steps on one cache (not between generations) is not seen by those steps."""
+        weights = kv_cache.views.get("decode_weights")
+        if weights is None or weights.batch_size != batch_size:
+            weights = kv_cache.views["decode_weights"] = self.decode_weights(batch_size)
+        return weights
+
+    def _unfused_step(self, tokens, position_ids, attention_mask, kv_cache: KVCache, weights: DecodeWeights,
+                      starts: np.ndarray | None) -> torch.Tensor:
+        """The step as PyTorch operators on the packed projections, or (``starts`` given) with numba kernels
+        between them."""
         config = self.config
         batch, heads, kv_heads, head_dim = tokens.shape[0], config.num_heads, config.num_kv_heads, config.head_dim
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(position_ids, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, head_dim]: one position, broadcast over heads
-        fast = weights.fused is not None or weights.norms is not None
-        if fast and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
-            starts = self._attended_from(attention_mask, batch, kv_cache.length + 1)
-            if starts is not None:
-                step = self._fused_step if weights.fused is not None else self._glued_step
-                return step(x, cos, sin, weights, kv_cache, starts)
+        if starts is not None:
+            return self._glued_step(x, cos, sin, weights, kv_cache, starts)
         mask, _ = self._mask(attention_mask, 1, kv_cache.length, x.device)
         # Without a mask, the query heads sharing a key/value head become that head's queries: grouped-query
         # attention with no copy of the cache (a mask is per query position, so masked steps keep Hq heads).
@@ -285,30 +314,59 @@ class LlamaDecoder(LanguageModel):
         return starts.cpu().numpy().astype(np.int64)
 
     @staticmethod
-    def _kernel_arrays(kv_cache: KVCache, cos, sin) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
-        """What the numba kernels of a step read: the per-layer cache arrays (made once per cache, after checking
-        there is room for the step) and the step's rotary tables as float32 ``[B, head_dim]``."""
+    def _cache_arrays(kv_cache: KVCache) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """The per-layer cache arrays the numba kernels write (made once per cache), after checking there is room
+        for the step."""
         from llavakit.plugins.llama_kernels import as_cache_array
 
         kv_cache.check_room(1)
         arrays = kv_cache.views.get("numba")
         if arrays is None:
-            arrays = kv_cache.views["numba"] = ([as_cache_array(k) for k in kv_cache.keys],
-                                                [as_cache_array(v) for v in kv_cache.values])
-        return (*arrays, cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy())
+            arrays = kv_cache.views["numba"] = (tuple(as_cache_array(k) for k in kv_cache.keys),
+                                                tuple(as_cache_array(v) for v in kv_cache.values))
+        return arrays
 
-    def _fused_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
-        """Every layer as one numba kernel (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
-        from llavakit.plugins.llama_kernels import run_layers
+    def _rotary_rows(self, kv_cache: KVCache, position_ids: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Float32 cos/sin tables (``[N, head_dim]``, in ``dtype``'s values) and each row's index into them for a
+        step at ``position_ids`` (``[B, 1]``). The tables cover the positions from this step's on up to the
+        cache's capacity and are made once per cache, by the same operators the per-step path runs (the same
+        values, bit for bit); a position outside them makes them anew."""
+        positions = position_ids[:, 0].to(torch.int64).cpu().numpy()
+        low, high = int(positions.min()), int(positions.max())
+        table = kv_cache.views.get("rotary")
+        if table is None or table[1] != dtype or low < table[0] or high >= table[0] + table[2].shape[0]:
+            span = torch.arange(low, max(high + 1, kv_cache.capacity))[:, None]
+            cos, sin = self.rotary(span, dtype)  # [N, 1, 1, head_dim]
+            table = kv_cache.views["rotary"] = (low, dtype, cos[:, 0, 0].float().contiguous().numpy(),
+                                                sin[:, 0, 0].float().contiguous().numpy())
+        return table[2], table[3], positions - table[0]
 
-        keys, values, cos, sin = self._kernel_arrays(kv_cache, cos, sin)
-        state = x.to(torch.float32, copy=True).numpy()
-        run_layers(state, weights.fused, keys, values, bf16=x.dtype == torch.bfloat16,
-                   eps=self.config.rms_norm_eps, scale=self.layers[0].self_attn.scale, num_heads=self.config.num_heads,
-                   position=kv_cache.length, starts=starts, cos=cos, sin=sin)
+    def _fused_step(self, tokens, position_ids, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray, *,
+                    greedy: bool) -> torch.Tensor:
+        """The whole step as one numba kernel (:func:`llavakit.plugins.llama_kernels.decode_tokens`), rows
+        attending from ``starts``: the logits, or with ``greedy`` each row's argmax."""
+        from llavakit.core.gemv import as_matrix
+        from llavakit.plugins.llama_kernels import decode_tokens, kernel_threads
+
+        keys, values = self._cache_arrays(kv_cache)
+        dtype = self.lm_head.weight.dtype
+        cos, sin, rows = self._rotary_rows(kv_cache, position_ids, dtype)
+        ids = tokens.to(torch.int64).cpu().numpy()
+        batch = tokens.shape[0]
+        logits = torch.empty(0 if greedy else batch, self.vocab_size, dtype=dtype)
+        best = torch.empty(batch if greedy else 0, dtype=torch.int64)
+        with kernel_threads():
+            bad = decode_tokens(ids, rows, starts, weights.embedding, weights.fused, keys, values, weights.final_norm,
+                                weights.lm_head.matrix, cos, sin, dtype == torch.bfloat16,
+                                np.float32(self.config.rms_norm_eps), np.float32(self.layers[0].self_attn.scale),
+                                self.config.num_heads, kv_cache.length, as_matrix(logits), best.numpy(),
+                                weights.lm_head_screen)
+        if bad >= 0:
+            raise IndexError(f"token id {int(ids[bad])} of row {bad} is outside the vocabulary of "
+                             f"{self.vocab_size} ids; only ids 0 to {self.vocab_size - 1} can be decoded")
         kv_cache.advance(1)
-        hidden = torch.from_numpy(state).to(x.dtype)
-        return weights.lm_head(self.norm(hidden))[0]
+        return best if greedy else logits
 
     def _glued_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
         """A small batch: per layer four packed oneDNN products, and between them three numba kernels for the
@@ -317,7 +375,8 @@ class LlamaDecoder(LanguageModel):
         from llavakit.core.gemv import as_matrix
         from llavakit.plugins.llama_kernels import attend_rows, kernel_threads, residual_norm, silu_gate
 
-        keys, values, cos, sin = self._kernel_arrays(kv_cache, cos, sin)
+        keys, values = self._cache_arrays(kv_cache)
+        cos, sin = cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy()
         config, dtype = self.config, x.dtype
         bf16, batch, eps = dtype == torch.bfloat16, x.shape[0], np.float32(config.rms_norm_eps)
         scale = np.float32(self.layers[0].self_attn.scale)
@@ -391,10 +450,10 @@ class Projection:
             return
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if packing == "numba":
-            from llavakit.core.gemv import as_matrix, gemv, pair_view
+            from llavakit.core.gemv import as_matrix, fast_layout, gemv
 
             self.gemv = gemv
-            self.matrix = pair_view(as_matrix(weight))  # bf16 as 32-bit word pairs, the faster read
+            self.matrix = fast_layout(as_matrix(weight))
             return
         if packing == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch_size)
@@ -423,7 +482,8 @@ class Projection:
 
 class DecodeWeights:
     """Per-layer projections (q/k/v together, output, gate/up together, down) and ``lm_head`` for decode steps;
-    on the numba path also ``fused``, each layer's matrices and norm weights for the one-call layer kernel.
+    on the numba path also ``fused``, each layer's matrices and norm weights for the one-call step kernel, with
+    the embedding table and the final norm's weights.
 
     Packed copies cost as much memory as the decoder's linear weights, so they are made only on the CPU, when
     ``LlamaDecoder.pack_decode_weights`` is true and the copies take less than half the memory available
@@ -453,12 +513,18 @@ class DecodeWeights:
         # norm, then the final one, in the order a step applies them).
         self.fused = self.norms = None
         norm = lambda module: module.weight.detach().to(torch.float32, copy=True).numpy()  # noqa: E731
-        if self.packing == "numba":
-            self.fused = [
+        if self.packing == "numba" and decoder.embed_tokens.weight.dtype == decoder.lm_head.weight.dtype:
+            from llavakit.core.gemv import as_matrix
+
+            # Tuples, which numba takes as they are (a list would be converted on every call).
+            self.fused = tuple(
                 (norm(layer.input_layernorm), qkv.matrix, output.matrix, norm(layer.post_attention_layernorm),
                  gate_up.matrix, down.matrix)
                 for layer, (qkv, output, gate_up, down) in zip(decoder.layers, self.layers)
-            ]
+            )
+            self.embedding = as_matrix(decoder.embed_tokens.weight)  # a view of the parameter, no copy
+            self.final_norm = norm(decoder.norm)
+            self.lm_head_screen = screen_arrays(decoder.lm_head.weight)
         elif self.packing in ("onednn", "mkl") and decoder.lm_head.weight.dtype in (torch.float32, torch.bfloat16) \
                 and _has_numba():
             self.norms = [norm(layer.input_layernorm) for layer in decoder.layers[:1]]
@@ -475,26 +541,41 @@ class DecodeWeights:
         )
 
 
-def parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every (owning module, attribute name) of ``module``'s parameters: walking the module tree once, so a
-    per-step check reads the current parameters without walking it again (which cost ~1 ms a step)."""
-    return [(owner, name) for owner in module.modules() for name, _ in owner.named_parameters(recurse=False)]
+def screen_arrays(weight: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """What the step kernel takes for greedy steps: an :class:`~llavakit.core.gemv.ArgmaxScreen` of ``weight``
+    (``lm_head``) as its codes and stats, with scratch for :func:`~llavakit.core.gemv.screened_argmax` for a
+    group of rows (kept here, so a step allocates nothing); empty arrays where this CPU or these weights allow
+    no screen."""
+    from llavakit.core.gemv import GROUP, ArgmaxScreen
+
+    screen = ArgmaxScreen.build(weight)
+    if screen is None:
+        return np.zeros((0, 1, 16, 4), np.int8), np.zeros((0, 5)), np.zeros((0, 0)), np.zeros((0, 0))
+    return (screen.codes, screen.stats, *screen.scratch(GROUP))
 
 
-def parameter_fingerprint(slots: list[tuple[nn.Module, str]]) -> tuple:
+def parameter_slots(module: nn.Module) -> list[tuple[dict, str]]:
+    """Every (owning module's parameter dict, name) of ``module``'s parameters: walking the module tree once, so
+    a per-step check reads the current parameters without walking it again (which cost ~1 ms a step)."""
+    return [(owner._parameters, name) for owner in module.modules() for name, _ in owner.named_parameters(recurse=False)]
+
+
+def parameter_fingerprint(slots: list[tuple[dict, str]]) -> tuple:
     """Storage and version of each slot's current parameter: changes with any in-place update, ``.to()``,
-    ``load_state_dict`` or a replaced parameter."""
-    return tuple((getattr(owner, name).data_ptr(), getattr(owner, name)._version) for owner, name in slots)
+    ``load_state_dict`` or a replaced parameter. Read from the parameter dicts directly: through the modules'
+    ``__getattr__`` this check cost 0.2-0.3 ms of a 4 ms decode step."""
+    parameters = [owner.get(name) for owner, name in slots]
+    return tuple((None, None) if p is None else (p.data_ptr(), p._version) for p in parameters)
 
 
 def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
     """``"numba"``, ``"mkl"``, ``"onednn"`` or ``None``: the fastest path this CPU offers for the dtype and batch
-    size. Batch 1 in float32 or bfloat16 goes to :mod:`llavakit.core.gemv` (1.5-2x the weight bandwidth of MKL
-    and oneDNN) when numba is installed."""
+    size. float32 and bfloat16 steps up to :func:`_numba_batch_limit` rows go to :mod:`llavakit.core.gemv`'s
+    kernels (at batch 1, 1.5-2x the weight bandwidth of MKL and oneDNN) when numba is installed."""
     weight = decoder.lm_head.weight
     if not decoder.pack_decode_weights or weight.device.type != "cpu":
         return None
-    if batch_size == 1 and weight.dtype in (torch.float32, torch.bfloat16) and _has_numba():
+    if weight.dtype in (torch.float32, torch.bfloat16) and _has_numba() and batch_size <= _numba_batch_limit(weight.dtype):
         return "numba"
     mkl = weight.dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     onednn = torch.backends.mkldnn.is_available() and (
@@ -505,6 +586,16 @@ def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
     if mkl and (batch_size == 1 or not onednn):
         return "mkl"
     return "onednn" if onednn else None
+
+
+@functools.cache
+def _numba_batch_limit(dtype: torch.dtype) -> int:
+    """The largest batch whose steps run as the one numba kernel: a group of rows sharing every weight load
+    (:data:`~llavakit.core.gemv.GROUP`) where the weights are blocked (float32, or bf16 on a CPU with bf16 dot
+    products), else batch 1; larger batches go to oneDNN, whose products then do more work per load."""
+    from llavakit.core.gemv import BF16_DOT, GROUP
+
+    return GROUP if dtype == torch.float32 or BF16_DOT else 1
 
 
 @functools.cache

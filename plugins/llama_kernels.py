@@ -26,17 +26,43 @@ import torch
 from numba import config as numba_config
 from numba import njit, prange, set_num_threads
 
-from llavakit.core.gemv import ROW_BLOCK, as_matrix, gemv_rows, launch_lock, narrow, pair_input, round_bf16, widen
+from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input, fma32, gemv_block, launch_lock,
+                                 matrix_rows, narrow, round_bf16, screened_argmax, widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "c1c6267678b32a9ce1343dbf38b2ddf74c5d15bc935507b4550a7fd5d81fcbba"
+GEMV_SOURCE_SHA256 = "ad6312d89a46d069d2f9ae8cf15755f7f82343826f4351e2488bfff0a8705375"
 
 
 @njit(inline="always", fastmath=True)
 def _round(value, bf16):  # pragma: no cover - compiled
     return round_bf16(value) if bf16 else value
+
+
+@njit(inline="always", fastmath=True)
+def _exp(x):  # pragma: no cover - compiled
+    """``exp(x)`` in float32 to within 1 ulp (Cephes' expf: ``2^n exp(r)`` with ``|r| <= ln2 / 2``), as plain
+    arithmetic: unlike a call into libm it vectorises, which made a batch-8 step's SiLUs and softmaxes (some 100k
+    exponentials) 10x cheaper. Overflows to inf above 88.72, underflows through the denormals to 0."""
+    n = np.floor(min(max(x, np.float32(-104.0)), np.float32(88.8)) * np.float32(1.44269504088896341) + np.float32(0.5))
+    # r = x - n ln2 in two exact steps; fused multiply-adds, which fast-math cannot fold into one rounded step.
+    r = fma32(-n, np.float32(-2.12194440e-4), fma32(-n, np.float32(0.693359375), x))
+    p = fma32(np.float32(1.9875691500e-4), r, np.float32(1.3981999507e-3))
+    p = fma32(p, r, np.float32(8.3334519073e-3))
+    p = fma32(p, r, np.float32(4.1665795894e-2))
+    p = fma32(p, r, np.float32(1.6666665459e-1))
+    p = fma32(p, r, np.float32(5.0000001201e-1))
+    y = fma32(p * r, r, r) + np.float32(1.0)
+    # 2^n as two powers of two of half its size each, so that n from -150 to 128 scales without overflow.
+    k = np.int32(n)
+    y = y * np.float32(2.0) if k > 127 else y
+    k = k - 1 if k > 127 else k
+    half = k // 2
+    y = y * bits_to_float32(np.uint32((half + 127) << 23)) * bits_to_float32(np.uint32((k - half + 127) << 23))
+    if x > np.float32(88.72283):
+        return np.float32(np.inf)
+    return np.float32(0.0) if x < np.float32(-103.97) else y
 
 
 @njit(inline="always", fastmath=True)
@@ -63,7 +89,7 @@ def _add_residual(x, delta, bf16):  # pragma: no cover - compiled
 @njit(inline="always", fastmath=True)
 def _silu_times(gate, up, bf16):  # pragma: no cover - compiled
     """``silu(gate) * up`` with PyTorch's bf16 roundings (after the SiLU and after the product)."""
-    return _round(_round(gate / (np.float32(1.0) + np.exp(-gate)), bf16) * up, bf16)
+    return _round(_round(gate / (np.float32(1.0) + _exp(-gate)), bf16) * up, bf16)
 
 
 @njit(inline="always", fastmath=True)
@@ -101,7 +127,7 @@ def _attend_head(rotated, keys, values, head, group, first, position, scale, bf1
         top = max(top, scores[t - first])
     total = np.float32(0.0)
     for i in range(scores.shape[0]):
-        weight = np.exp(scores[i] - top)
+        weight = _exp(scores[i] - top)
         total += weight
         # PyTorch's CPU attention kernel multiplies the values by these weights in the input dtype.
         scores[i] = _round(weight, bf16)
@@ -131,11 +157,10 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
     h = np.empty((batch, hidden), np.float32)
     for b in range(batch):
         h[b] = _rms_norm(x[b], input_norm, eps, bf16)
-    qkv = np.empty((batch, w_qkv.shape[0]), np.float32)
-    h_in = pair_input(h, w_qkv)
-    for block in prange((w_qkv.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        for b in range(batch):
-            gemv_rows(w_qkv, h_in[b], qkv[b], block, bf16)
+    qkv = np.empty((batch, matrix_rows(w_qkv)), np.float32)
+    h_in = dot_input(h, w_qkv)
+    for block in prange((matrix_rows(w_qkv) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(w_qkv, h_in, qkv, block, bf16)
 
     rotated = np.empty((batch, q_size + kv_size), np.float32)
     for b in range(batch):
@@ -147,30 +172,92 @@ def decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, inp
         _attend_head(rotated[b], keys[b], values[b], head, group, starts[b], position, scale, bf16, attended[b])
 
     projected = np.empty((batch, hidden), np.float32)
-    attended_in = pair_input(attended, w_out)
-    for block in prange((w_out.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        for b in range(batch):
-            gemv_rows(w_out, attended_in[b], projected[b], block, bf16)
+    attended_in = dot_input(attended, w_out)
+    for block in prange((matrix_rows(w_out) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(w_out, attended_in, projected, block, bf16)
     for b in range(batch):
         _add_residual(x[b], projected[b], bf16)
         h[b] = _rms_norm(x[b], post_norm, eps, bf16)
 
-    gate_up = np.empty((batch, w_gate_up.shape[0]), np.float32)
-    h_in = pair_input(h, w_gate_up)
-    for block in prange((w_gate_up.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        for b in range(batch):
-            gemv_rows(w_gate_up, h_in[b], gate_up[b], block, bf16)
-    inner = w_gate_up.shape[0] // 2
+    gate_up = np.empty((batch, matrix_rows(w_gate_up)), np.float32)
+    h_in = dot_input(h, w_gate_up)
+    for block in prange((matrix_rows(w_gate_up) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(w_gate_up, h_in, gate_up, block, bf16)
+    inner = matrix_rows(w_gate_up) // 2
     activated = np.empty((batch, inner), np.float32)
-    for b in range(batch):
+    for b in prange(batch):  # a batch's exponentials, on every core
         for i in range(inner):
             activated[b, i] = _silu_times(gate_up[b, i], gate_up[b, inner + i], bf16)
-    activated_in = pair_input(activated, w_down)
-    for block in prange((w_down.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-        for b in range(batch):
-            gemv_rows(w_down, activated_in[b], projected[b], block, bf16)
+    activated_in = dot_input(activated, w_down)
+    for block in prange((matrix_rows(w_down) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(w_down, activated_in, projected, block, bf16)
     for b in range(batch):
         _add_residual(x[b], projected[b], bf16)
+
+
+@njit(cache=True)
+def _argmax(values):  # pragma: no cover - compiled
+    """The index of the largest value, the first among equals; a NaN wins (the first NaN), as in ``torch.argmax``.
+    Not inlined: the NaN test must not be compiled under the step kernel's fast-math flags, which assume none."""
+    best = 0
+    for i in range(values.shape[0]):
+        if values[i] != values[i]:
+            return i
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decode_tokens(tokens, rotary_rows, starts, embedding, layers, keys, values, final_norm, lm_head, cos_table,
+                  sin_table, bf16, eps, scale, num_heads, position, logits, best, screen):  # pragma: no cover - compiled
+    """A whole decode step in one call: each row's token embedding (``embedding[tokens[b]]``), every layer of
+    ``layers`` (a tuple of :func:`decode_layer`'s per-layer arrays, caches in ``keys``/``values``), the final
+    RMSNorm and ``lm_head``: the logits into ``logits`` (``[B, V]``, float32 or bf16 words) and each row's argmax
+    into ``best`` (``[B]``, the first index among equal maxima, a NaN winning as in ``torch.argmax``); either
+    may have no rows. With ``best`` only and a screen of ``lm_head`` (``screen``: the codes and stats of an
+    :class:`~llavakit.core.gemv.ArgmaxScreen` and the scratch of :func:`~llavakit.core.gemv.screened_argmax` for
+    up to its rows of inputs; codes with no rows for none), the argmax is found through it and the logits are
+    never computed. Row ``b`` takes
+    its rotary from row ``rotary_rows[b]`` of the tables. Returns the first row whose token is not in the
+    vocabulary (then nothing was computed), or -1.
+
+    Why one call: between the per-layer calls the PyTorch operators of a step (embedding, rotary, the final
+    norm, conversions) ran on caches the 80 MB of weights had just flushed, and cost 0.3-0.6 ms of a 4 ms bf16
+    step on the benchmark model; here they are a few loops over vectors already in the core's cache."""
+    batch, hidden = tokens.shape[0], embedding.shape[1]
+    for b in range(batch):
+        if tokens[b] < 0 or tokens[b] >= embedding.shape[0]:
+            return b
+    x = np.empty((batch, hidden), np.float32)
+    cos = np.empty((batch, cos_table.shape[1]), np.float32)
+    sin = np.empty_like(cos)
+    for b in range(batch):
+        for i in range(hidden):
+            x[b, i] = widen(embedding[tokens[b], i])
+        cos[b] = cos_table[rotary_rows[b]]
+        sin[b] = sin_table[rotary_rows[b]]
+    for index in range(len(layers)):
+        input_norm, w_qkv, w_out, post_norm, w_gate_up, w_down = layers[index]
+        decode_layer(x, bf16, eps, scale, num_heads, position, starts, cos, sin, input_norm, w_qkv, w_out,
+                     post_norm, w_gate_up, w_down, keys[index], values[index])
+    h = np.empty((batch, hidden), np.float32)
+    for b in range(batch):
+        h[b] = _rms_norm(x[b], final_norm, eps, bf16)
+    h_in = dot_input(h, lm_head)
+    codes, stats, upper, block_low = screen
+    if logits.shape[0] == 0 and codes.shape[0] and batch <= upper.shape[0]:
+        screened_argmax(lm_head, h_in, h, bf16, codes, stats, upper[:batch], block_low[:batch], best)
+        return -1
+    scores = np.empty((batch, matrix_rows(lm_head)), np.float32)
+    for block in prange((matrix_rows(lm_head) + ROW_BLOCK - 1) // ROW_BLOCK):
+        gemv_block(lm_head, h_in, scores, block, bf16)
+    for b in range(logits.shape[0]):
+        for i in range(scores.shape[1]):
+            logits[b, i] = narrow(scores[b, i], logits[0, 0])
+    for b in prange(best.shape[0]):
+        best[b] = _argmax(scores[b])
+    return -1
 
 
 # ---------------------------------------------------------------- batches: oneDNN products, fused glue between them
@@ -231,16 +318,3 @@ def as_cache_array(tensor: torch.Tensor) -> np.ndarray:
     bf16-word view the weights get (the cache is contiguous, so it is no copy)."""
     return as_matrix(tensor)
 
-
-def run_layers(x: np.ndarray, layers: list[tuple], keys: list[np.ndarray], values: list[np.ndarray], *,
-               bf16: bool, eps: float, scale: float, num_heads: int, position: int, starts: np.ndarray,
-               cos: np.ndarray, sin: np.ndarray) -> None:
-    """Every layer of a decode step on ``x`` (``[B, hidden]``) in place. ``layers`` holds per layer (input norm,
-    qkv, output, post norm, gate/up, down), the matrices as from :func:`llavakit.core.gemv.as_matrix` (bf16
-    ones best through :func:`~llavakit.core.gemv.pair_view`, as the llama plugin packs them), norms as float32
-    arrays; ``keys`` and ``values`` the per-layer cache arrays of :func:`as_cache_array`; ``starts`` (int64
-    ``[B]``) each row's first attended position."""
-    with kernel_threads():
-        for (input_norm, qkv, out, post_norm, gate_up, down), k, v in zip(layers, keys, values):
-            decode_layer(x, bf16, np.float32(eps), np.float32(scale), num_heads, position, starts, cos, sin,
-                         input_norm, qkv, out, post_norm, gate_up, down, k, v)

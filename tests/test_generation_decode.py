@@ -16,6 +16,7 @@ LLM = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, n
            rope_theta=1e4, max_position_embeddings=512)
 #: x86 builds of torch carry both MKL and oneDNN, so every packing is available.
 X86_BLAS = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
+BF16_DOT = __import__("llavakit.core.gemv", fromlist=["BF16_DOT"]).BF16_DOT
 VISION = dict(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
 
 
@@ -29,8 +30,8 @@ def decoder(dtype=torch.float32, **options):
     return model.language_model
 
 
-def prefilled(llm, prompt, mask):
-    cache = llm.new_kv_cache(prompt.shape[0], prompt.shape[1] + 4)
+def prefilled(llm, prompt, mask, room: int = 4):
+    cache = llm.new_kv_cache(prompt.shape[0], prompt.shape[1] + room)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(prompt.shape[1])[None]
     llm(llm.embed(prompt), position_ids=positions, attention_mask=mask, kv_cache=cache)
     return cache
@@ -59,8 +60,9 @@ def step_both_ways(llm, batch: int, padded: bool, length: int = 12):
 
 
 @pytest.mark.parametrize("dtype, batch, expected_packing", [
-    (torch.float32, 1, "numba"), (torch.float32, 3, "onednn"), (torch.float32, 12, "onednn"),
-    (torch.bfloat16, 1, "numba"), (torch.bfloat16, 3, "onednn"), (torch.bfloat16, 12, "onednn"),
+    (torch.float32, 1, "numba"), (torch.float32, 3, "numba"), (torch.float32, 8, "numba"),
+    (torch.float32, 12, "onednn"), (torch.bfloat16, 1, "numba"), (torch.bfloat16, 3, "numba" if BF16_DOT else "onednn"),
+    (torch.bfloat16, 12, "onednn"),
 ])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padded):
@@ -68,17 +70,18 @@ def test_fast_step_gives_the_forward_logits(dtype, batch, expected_packing, padd
     steps = []
     for name in ("_fused_step", "_glued_step"):
         original = getattr(llm, name)
-        setattr(llm, name, lambda *args, name=name, original=original: steps.append((name, args[-1].tolist())) or original(*args))
+        setattr(llm, name, lambda *args, name=name, original=original, **options:
+                steps.append((name, args[-1].tolist())) or original(*args, **options))
     plain, fast = step_both_ways(llm, batch, padded and batch > 1)
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
     assert (plain - fast).abs().max().item() < tolerance
     assert plain.std() > 0.5  # logits with signal
     if X86_BLAS and (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         assert llm.decode_weights(batch).packing == expected_packing
-        # Batch 1 runs the fused layer; batches run packed products with numba kernels between them; either
-        # way left-padded rows attend from their first real token.
+        # Up to a group of rows the step is one numba kernel; larger batches run packed products with numba
+        # kernels between them; either way left-padded rows attend from their first real token.
         starts = [5] + [0] * (batch - 1) if padded and batch > 1 else [0] * batch
-        assert steps == [("_fused_step" if batch == 1 else "_glued_step", starts)]
+        assert steps == [("_fused_step" if expected_packing == "numba" else "_glued_step", starts)]
 
 
 def test_a_mask_that_is_not_left_padding_takes_the_general_path():
@@ -86,7 +89,7 @@ def test_a_mask_that_is_not_left_padding_takes_the_general_path():
     fused = []
     for name in ("_fused_step", "_glued_step"):
         original = getattr(llm, name)
-        setattr(llm, name, lambda *args, original=original: fused.append(1) or original(*args))
+        setattr(llm, name, lambda *args, original=original, **options: fused.append(1) or original(*args, **options))
     generator = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, 299, (2, 10), generator=generator)
     mask = torch.ones(2, 10, dtype=torch.long)
@@ -214,7 +217,7 @@ def test_fused_step_leaves_eager_as_the_reference_and_checks_the_cache_room():
         layer.self_attn.backend = eager
     calls = []
     original = llm._fused_step
-    llm._fused_step = lambda *args: calls.append(1) or original(*args)
+    llm._fused_step = lambda *args, **options: calls.append(1) or original(*args, **options)
     step_both_ways(llm, 1, padded=False)
     assert not calls  # eager is the reference math (and a plugin's backend is never bypassed either)
 
@@ -228,3 +231,103 @@ def test_a_four_dimensional_mask_is_refused_where_a_sliding_window_cuts_in():
     # Within the window the mask is used as given.
     short = llm(embeds[:, :6], position_ids=torch.arange(6)[None], attention_mask=mask[..., :6, :6])
     torch.testing.assert_close(short, llm(embeds[:, :6], position_ids=torch.arange(6)[None]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_steps_pick_the_argmax_of_the_logits(dtype):
+    """``decode_greedy`` (the one-kernel step finding the winner through the int8 screen of ``lm_head`` where the
+    CPU has AVX512-VNNI) returns exactly the argmax of ``decode_step``'s logits, step after step."""
+    from llavakit.core.gemv import BYTE_DOT
+
+    llm = decoder(dtype)
+    weights = llm.decode_weights(1)
+    assert weights.fused is not None
+    assert (weights.lm_head_screen[0].shape[0] > 0) == BYTE_DOT
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 299, (1, 9), generator=generator)
+    with torch.inference_mode():
+        logits_cache, greedy_cache = prefilled(llm, prompt, None, 24), prefilled(llm, prompt, None, 24)
+        for step in range(24):
+            tokens = torch.randint(0, 299, (1,), generator=generator)
+            positions = torch.full((1, 1), 9 + step)
+            logits = llm.decode_step(tokens, position_ids=positions, attention_mask=None, kv_cache=logits_cache)
+            chosen = llm.decode_greedy(tokens, position_ids=positions, attention_mask=None, kv_cache=greedy_cache)
+            assert chosen.dtype == torch.int64 and chosen.tolist() == logits.argmax(-1).tolist()
+    assert all(torch.equal(a, b) for a, b in zip(logits_cache.keys, greedy_cache.keys))
+
+
+def test_a_token_outside_the_vocabulary_is_refused_by_the_fused_step():
+    llm = decoder()
+    cache = prefilled(llm, torch.tensor([[1, 2, 3]]), None)
+    with torch.inference_mode(), pytest.raises(IndexError, match="token id 300 of row 0 is outside the vocabulary of 300"):
+        llm.decode_step(torch.tensor([300]), position_ids=torch.tensor([[3]]), attention_mask=None, kv_cache=cache)
+    assert cache.length == 3
+
+
+requires_byte_dot = pytest.mark.skipif(
+    not __import__("llavakit.core.gemv", fromlist=["BYTE_DOT"]).BYTE_DOT, reason="the screen needs AVX512-VNNI")
+
+
+@requires_byte_dot
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(3000, 512), (700, 100), (130, 7)])
+def test_screened_argmax_is_the_argmax_of_the_full_product(dtype, rows, width):
+    """The screen only skips rows that cannot win: the argmax equals the full product's, including exact ties
+    (repeated rows: the first wins), rows of zeros, an input of zeros, and inputs far from the weights' scale."""
+    from llavakit.core.gemv import ArgmaxScreen, as_matrix, fast_layout, gemv, gemv_argmax
+
+    generator = torch.Generator().manual_seed(rows + width)
+    weight = torch.randn(rows, width, generator=generator) * 0.02
+    weight[rows // 2] = weight[rows // 3]  # an exact tie whenever one of them wins
+    weight[rows // 4] = 0
+    weight = weight.to(dtype)
+    screen = ArgmaxScreen.build(weight)
+    matrix = fast_layout(as_matrix(weight))
+    inputs = [torch.randn(1, width, generator=generator) * scale for scale in (1e-3, 1.0, 30.0) for _ in range(8)]
+    inputs += [torch.zeros(1, width), weight[rows // 3].float()[None] * 50]  # the last one makes the tie win
+    for x in inputs:
+        x = x.to(dtype)
+        full = gemv(matrix, x).float()
+        assert gemv_argmax(matrix, x, screen).tolist() == [int(full.argmax())]
+    assert gemv_argmax(matrix, inputs[-1].to(dtype), screen).tolist() == [rows // 3]
+    # A batch reads each code line once for all its rows; each row's winner is its own.
+    batch = torch.cat(inputs).to(dtype)
+    assert gemv_argmax(matrix, batch, screen).tolist() == gemv_argmax(matrix, batch).tolist()
+
+
+@requires_byte_dot
+def test_screened_argmax_follows_torch_for_non_finite_inputs_and_refuses_non_finite_weights():
+    from llavakit.core.gemv import ArgmaxScreen, as_matrix, fast_layout, gemv, gemv_argmax
+
+    weight = torch.randn(200, 64, generator=torch.Generator().manual_seed(1))
+    screen, matrix = ArgmaxScreen.build(weight), fast_layout(as_matrix(weight))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+        x[0, 5] = bad
+        assert gemv_argmax(matrix, x, screen).tolist() == [int(gemv(matrix, x).argmax())]
+    weight[7, 3] = float("inf")
+    assert ArgmaxScreen.build(weight) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_computed_alone_has_the_bits_of_the_full_product(dtype):
+    """The screen's candidates are computed by ``row_value``, the function the full product runs per row."""
+    import numpy as np
+
+    from llavakit.core.gemv import as_matrix, dot_input, fast_layout, gemv, matrix_rows, row_value
+    from numba import njit
+
+    @njit
+    def each_row(matrix, x, bf16, out):
+        x_in = dot_input(x, matrix)[0]
+        for row in range(matrix_rows(matrix)):
+            out[row] = row_value(matrix, row, x_in, bf16)
+
+    generator = torch.Generator().manual_seed(4)
+    for width in (7, 64, 100, 512):
+        weight = torch.randn(300, width, generator=generator).to(dtype)
+        x = torch.randn(1, width, generator=generator).to(dtype)
+        matrix = fast_layout(as_matrix(weight))
+        alone = np.empty(300, np.float32)
+        each_row(matrix, x.float().numpy(), dtype == torch.bfloat16, alone)
+        assert torch.equal(torch.from_numpy(alone), gemv(matrix, x).float()[0])
