@@ -550,7 +550,7 @@ def screen_arrays(weight: torch.Tensor) -> tuple[np.ndarray, ...]:
 
     screen = ArgmaxScreen.build(weight)
     if screen is None:
-        return np.zeros((0, 1, 16, 4), np.int8), np.zeros((0, 5)), np.zeros((0, 0)), np.zeros((0, 0))
+        return np.zeros((0, 1, 16, 4), np.int8), np.zeros((5, 0)), np.zeros((0, 0)), np.zeros((0, 0))
     return (screen.codes, screen.stats, *screen.scratch(GROUP))
 
 
@@ -604,9 +604,10 @@ def _has_numba() -> bool:
 
 
 def packed_copies_fit(decoder: LlamaDecoder) -> bool:
-    """Whether packed copies of the linear weights take less than half the memory available now."""
+    """Whether packed copies of the linear weights (with an int8 screen of ``lm_head``) take less than half the
+    memory available now."""
     needed = sum(p.numel() * p.element_size() for name, p in decoder.named_parameters() if name.endswith("proj.weight"))
-    needed += decoder.lm_head.weight.numel() * decoder.lm_head.weight.element_size()
+    needed += decoder.lm_head.weight.numel() * (decoder.lm_head.weight.element_size() + 1)
     available = available_memory()
     return available is None or needed < available / 2
 

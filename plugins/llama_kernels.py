@@ -1,19 +1,22 @@
-"""One Llama decoder layer for a decode step of batch 1 or a small batch, as a single numba kernel (float32 or
-bfloat16).
+"""A Llama decode step of one row or a small batch as a single numba kernel (float32 or bfloat16): the embedding
+lookup, every decoder layer, the final norm and ``lm_head`` (or, for greedy steps, only its argmax).
 
-Why it exists: once the weights stream at memory speed (:mod:`llavakit.core.gemv`), a batch-1 decode step
-of a small model is dominated by everything else. On the 2-core Zen 4 machine this project measures on,
-the benchmark model's bf16 step took 6.8 ms of which reading the 80 MB of weights was 1.7 ms; the rest was
-about 25 small PyTorch operators per layer (norms, rotary, cache writes, attention, activations), each a
-dispatch, an allocation and a trip through Python. Here a layer is one call: RMSNorm, the q/k/v products,
-rotary, the cache write, grouped-query attention over the cache, the output product, the residual, RMSNorm,
-the gate/up products, SiLU, the down product and the residual, with the four matrix products split across
-the cores and everything else done in place on vectors of a few hundred floats.
+Why it exists: once the weights stream at memory speed (:mod:`llavakit.core.gemv`), a decode step of a small
+model is dominated by everything else. On the 2-core Zen 4 machine this project measures on, the benchmark
+model's bf16 step once took 6.8 ms of which reading the 80 MB of weights was 1.7 ms; the rest was about 25
+small PyTorch operators per layer (norms, rotary, cache writes, attention, activations), each a dispatch, an
+allocation and a trip through Python. Layer by layer in one call each, that fell to 4 ms; what remained
+outside (embedding, rotary, final norm, conversions, 0.3-0.6 ms) ran on caches the weights had just flushed,
+so the whole step is now one call. Within a layer: RMSNorm, the q/k/v products, rotary, the cache write,
+grouped-query attention over the cache, the output product, the residual, RMSNorm, the gate/up products,
+SiLU, the down product and the residual, with the products and the attention heads split across the cores
+and everything else done in place on vectors of a few hundred floats.
 
 Numerics follow the PyTorch path: sums in float32, and with bf16 weights every value the PyTorch path keeps in
 a bf16 tensor (norm outputs, projections, rotated q/k, the cache, the attention output, activations, the
 residual stream) is rounded to bf16 at the same point (:func:`~llavakit.core.gemv.round_bf16`). Sums run in
-another order than oneDNN's or PyTorch's attention kernels, so results agree to rounding, not bit for bit.
+another order than oneDNN's or PyTorch's attention kernels, and exponentials come from a 1-ulp polynomial
+(:func:`_exp`), so results agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "ad6312d89a46d069d2f9ae8cf15755f7f82343826f4351e2488bfff0a8705375"
+GEMV_SOURCE_SHA256 = "0dc076c47f06a7a4a9ca0bf605db0c61e20d5022cde89a240f95fd42d0c4f22f"
 
 
 @njit(inline="always", fastmath=True)
@@ -260,11 +263,11 @@ def decode_tokens(tokens, rotary_rows, starts, embedding, layers, keys, values, 
     return -1
 
 
-# ---------------------------------------------------------------- batches: oneDNN products, fused glue between them
-# From batch 2 on, oneDNN's packed products beat these loops (at batch 8 they reach the compute a few vectors
-# need; its bf16 products use the CPU's bf16 dot-product instructions), so a step of a small batch is four
-# oneDNN products per layer with everything between them done by the three serial kernels below: the ~20
-# PyTorch operators they replace cost more than the products at this size.
+# ---------------------------------------------------------------- larger batches: oneDNN products, glue between
+# Past a group of rows (or for bf16 on CPUs without bf16 dot products, past one row) oneDNN's packed products do
+# more work per weight load than the loops above, so such a step is four oneDNN products per layer with
+# everything between them done by the three kernels below: the ~20 PyTorch operators they replace cost more
+# than the products at this size.
 
 
 @njit(fastmath=True, cache=True)
