@@ -95,8 +95,8 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
     pair of columns (bf16 words) of 16 rows, which meets the matching input element (pair), broadcast, in one
     FMA (or ``vdpbf16ps``: two exact products into each of 16 float32 lanes). Blocked int8 codes
     (:class:`ArgmaxScreen`) hold four columns per lane and meet four uint8 inputs in ``vpdpbusd``, summed
-    exactly in int32 (four products of at most 255 * 127 per column group: no overflow below 66,000 columns). No horizontal sums: lane ``r``
-    is row ``r``'s output. Per input, columns alternate between two accumulators, added at the end, so every
+    exactly in int32 (products of at most 255 * 127: no overflow below 66,000 columns). No horizontal sums:
+    lane ``r`` is row ``r``'s output. Per input, columns alternate between two accumulators, added at the end, so every
     input (and any ``rows_of_x``) gets the same order: a row of a batch gets the bits it gets alone."""
     i32, i64, byte = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
     blocks_type, xs_type, lanes_type = signature.args[0], signature.args[2], signature.args[5]
@@ -109,7 +109,8 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
     block_start = builder.gep(builder.bitcast(blocks.data, byte),
                               [builder.mul(block, builder.extract_value(blocks.strides, 0))])
     x_stride = builder.extract_value(inputs.strides, 0)
-    x_starts = [builder.gep(builder.bitcast(inputs.data, byte), [builder.mul(builder.add(first, ir.Constant(i64, i)), x_stride)])
+    x_base = builder.bitcast(inputs.data, byte)
+    x_starts = [builder.gep(x_base, [builder.mul(builder.add(first, ir.Constant(i64, i)), x_stride)])
                 for i in range(rows_of_x)]
     accumulator = _LANES
     if blocks_type.dtype == types.uint16:
@@ -118,7 +119,7 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
                                              "llvm.x86.avx512bf16.dpbf16ps.512")
         multiply_add = lambda acc, w, v: builder.call(dot, [acc, w, builder.bitcast(v, _WORDS)])  # noqa: E731
     elif blocks_type.dtype == types.int8:  # four int8 codes per lane against four uint8 inputs, summed exactly
-        weight_type = element = accumulator = _INT_LANES
+        weight_type = accumulator = _INT_LANES
         element = i32
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INT_LANES, [_INT_LANES] * 3),
                                              "llvm.x86.avx512.vpdpbusd.512")
@@ -472,8 +473,9 @@ def _gemv(weight, xs, out):  # pragma: no cover - compiled (one specialisation p
 # an exact integer (``vpdpbusd``), so |w·x - s t (q·r)| <= s |q| |d| + |e| |x| (Cauchy-Schwarz, 2-norms).
 # The value the full product gives differs from w·x by its float32 summation, at most
 # gamma_K |w| |x| (gamma_K = K u / (1 - K u), u = 2^-24, any order, FMAs included), then by bf16 rounding,
-# at most 2^-8 of its size. The per-row factors of |d| and |x| are kept precomputed. The bound is inflated by 1e-6 of itself (for the float64 arithmetic that
-# computes it) plus 1e-30 (denormals flushed by the bf16 instruction).
+# at most 2^-8 of its size. The per-row factors of |d| and |x| are kept precomputed. The bound is inflated by
+# 1e-6 of itself (for the float64 arithmetic that computes it) plus 1e-30 (denormals flushed by the bf16
+# instruction).
 
 #: Columns of an :class:`ArgmaxScreen`'s ``stats``: the scale s, the sum of the codes, the factor of |d| (s |q|),
 #: the factor of |x| (|e| + gamma_K |w|) and |w|, the last three rounded up.
@@ -518,8 +520,8 @@ class ArgmaxScreen:
             block[SCREEN_WEIGHT_NORM] = weight_norm.numpy()
             row_major[start:start + w.shape[0], :width] = q.to(torch.int8).numpy()
         stats[SCREEN_RESIDUAL_FACTOR:] *= 1 + 1e-12  # computed in float64: rounded up
-        codes = row_major.reshape(padded_rows // BLOCK_ROWS, BLOCK_ROWS, row_major.shape[1] // 4, 4).transpose(0, 2, 1, 3)
-        return cls(np.ascontiguousarray(codes), stats, width)
+        codes = row_major.reshape(padded_rows // BLOCK_ROWS, BLOCK_ROWS, row_major.shape[1] // 4, 4)
+        return cls(np.ascontiguousarray(codes.transpose(0, 2, 1, 3)), stats, width)
 
     def scratch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The scratch :func:`screened_argmax` needs for up to ``batch_size`` inputs (allocated once, so a step
@@ -559,7 +561,7 @@ def screened_argmax(weight, xs_in, xs, bf16, codes, stats, upper, block_low, bes
     rounding = 2.0 ** -8 if bf16 else 0.0
     largest_weight = stats[SCREEN_WEIGHT_NORM].max()
     # Each input as codes: x = step * code + residual, codes shifted by 128 into the unsigned bytes vpdpbusd reads.
-    shifted = np.full((batch if batch == 1 else -(-batch // GROUP) * GROUP, 4 * codes.shape[1]), 128, np.uint8)
+    shifted = np.full((_padded_rows(batch), 4 * codes.shape[1]), 128, np.uint8)
     steps, x_norms, residual_norms = np.empty(batch), np.empty(batch), np.empty(batch)
     finite = np.empty(batch, np.bool_)
     for b in range(batch):

@@ -246,9 +246,8 @@ class LlamaDecoder(LanguageModel):
             logits = super().decode_step(tokens, position_ids=position_ids, attention_mask=attention_mask,
                                          kv_cache=kv_cache)
             return logits.argmax(dim=-1) if greedy else logits
-        weights = self._step_weights(tokens.shape[0], kv_cache)
-        config = self.config
-        batch, heads, kv_heads, head_dim = tokens.shape[0], config.num_heads, config.num_kv_heads, config.head_dim
+        batch = tokens.shape[0]
+        weights = self._step_weights(batch, kv_cache)
         fast = weights.fused is not None or weights.norms is not None
         starts = None
         if fast and self.layers[0].self_attn.backend.name in FUSED_BACKENDS:
@@ -369,8 +368,8 @@ class LlamaDecoder(LanguageModel):
         return best if greedy else logits
 
     def _glued_step(self, x, cos, sin, weights: DecodeWeights, kv_cache: KVCache, starts: np.ndarray) -> torch.Tensor:
-        """A small batch: per layer four packed oneDNN products, and between them three numba kernels for the
-        norms and residuals, rotary, the cache write and attention, and the gated activation
+        """A batch too large for the one-kernel step: per layer four packed oneDNN products, and between them three
+        numba kernels for the norms and residuals, rotary, the cache write and attention, and the gated activation
         (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
         from llavakit.core.gemv import as_matrix
         from llavakit.plugins.llama_kernels import attend_rows, kernel_threads, residual_norm, silu_gate
