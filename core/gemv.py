@@ -630,6 +630,9 @@ def gemv(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor) -> t
     ``[B, N]`` tensor in ``x``'s dtype (float32, or bfloat16 for bf16 weights). Runs on
     ``torch.get_num_threads()`` cores (at most numba's)."""
     rows = matrix[1] if isinstance(matrix, tuple) else matrix.shape[0]
+    if isinstance(matrix, tuple) and matrix[0].dtype == np.uint16 and x.dtype != torch.bfloat16:
+        raise TypeError(f"blocked bf16 weights multiply bf16 inputs (they are read as bf16 words), got {x.dtype}; "
+                        "cast the input, or pass the row-major matrix of as_matrix() to multiply float32 inputs")
     values = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     out = torch.empty((values.shape[0], rows), dtype=torch.float32)
     with launch_lock:

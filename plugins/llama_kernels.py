@@ -35,7 +35,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "209f992650469aa265743b0ea0192503c65e1a78ef8255d34d4ff4ff18c8bf81"
+GEMV_SOURCE_SHA256 = "f1e6e42f837575586d7a0afd2a0f2d10f97051e793d993accbc3e1293de4c217"
 
 
 @njit(inline="always", fastmath=True)

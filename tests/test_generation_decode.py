@@ -139,21 +139,30 @@ def test_with_gradients_the_step_is_the_differentiable_forward():
 
 
 @pytest.mark.parametrize("rows, inner", [(1, 7), (63, 64), (65, 33), (1000, 512), (130, 1408)])
-def test_numba_gemv_matches_f_linear(rows, inner):
-    from llavakit.core.gemv import as_matrix, gemv
+@pytest.mark.parametrize("layout", ["row-major", "fast"])
+def test_numba_gemv_matches_f_linear(rows, inner, layout):
+    """Row-major and blocked (odd row counts and widths padded), one row and batches past a group of 8: every
+    product agrees with ``F.linear``, and each row of a batch is that row's product alone, bit for bit."""
+    from llavakit.core.gemv import as_matrix, fast_layout, gemv
 
+    pack = (lambda m: m) if layout == "row-major" else fast_layout
     generator = torch.Generator().manual_seed(rows * inner)
     weight = torch.randn(rows, inner, generator=generator)
-    x = torch.randn(1, inner, generator=generator)
-    out = gemv(as_matrix(weight), x)
-    assert out.shape == (1, rows) and out.dtype == torch.float32
-    assert torch.allclose(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-5)
+    x = torch.randn(11, inner, generator=generator)
+    for batch in (x[:1], x[:5], x):
+        out = gemv(pack(as_matrix(weight)), batch)
+        assert out.shape == (batch.shape[0], rows) and out.dtype == torch.float32
+        assert torch.allclose(out, torch.nn.functional.linear(batch, weight), atol=1e-4, rtol=1e-5)
     # bf16 weights and activations: fp32 accumulation of the exact bf16 values, rounded to bf16 once.
     weight16, x16 = weight.bfloat16(), x.bfloat16()
-    out16 = gemv(as_matrix(weight16), x16)
+    matrix16 = pack(as_matrix(weight16))
+    out16 = gemv(matrix16, x16)
     reference = torch.nn.functional.linear(x16.float(), weight16.float())
     assert out16.dtype == torch.bfloat16
     assert torch.allclose(out16.float(), reference, atol=1e-3, rtol=8e-3)
+    assert torch.equal(out16, torch.cat([gemv(matrix16, row[None]) for row in x16]))
+    matrix = pack(as_matrix(weight))
+    assert torch.equal(gemv(matrix, x), torch.cat([gemv(matrix, row[None]) for row in x]))
 
 
 def test_the_fused_kernels_cache_follows_the_gemv_source():
@@ -171,10 +180,12 @@ def test_the_fused_kernels_cache_follows_the_gemv_source():
 
 
 def test_numba_gemv_refuses_other_dtypes():
-    from llavakit.core.gemv import as_matrix
+    from llavakit.core.gemv import as_matrix, blocked_layout, gemv
 
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         as_matrix(torch.zeros(2, 2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="blocked bf16 weights multiply bf16 inputs"):
+        gemv(blocked_layout(as_matrix(torch.zeros(2, 2, dtype=torch.bfloat16))), torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
