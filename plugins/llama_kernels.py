@@ -221,13 +221,8 @@ def decode_tokens(tokens, rotary_rows, starts, embedding, layers, keys, values, 
     may have no rows. With ``best`` only and a screen of ``lm_head`` (``screen``: the codes and stats of an
     :class:`~llavakit.core.gemv.ArgmaxScreen` and the scratch of :func:`~llavakit.core.gemv.screened_argmax` for
     up to its rows of inputs; codes with no rows for none), the argmax is found through it and the logits are
-    never computed. Row ``b`` takes
-    its rotary from row ``rotary_rows[b]`` of the tables. Returns the first row whose token is not in the
-    vocabulary (then nothing was computed), or -1.
-
-    Why one call: between the per-layer calls the PyTorch operators of a step (embedding, rotary, the final
-    norm, conversions) ran on caches the 80 MB of weights had just flushed, and cost 0.3-0.6 ms of a 4 ms bf16
-    step on the benchmark model; here they are a few loops over vectors already in the core's cache."""
+    never computed. Row ``b`` takes its rotary from row ``rotary_rows[b]`` of the tables. Returns the first row
+    whose token is not in the vocabulary (then nothing was computed), or -1. Why one call: the module docstring."""
     batch, hidden = tokens.shape[0], embedding.shape[1]
     for b in range(batch):
         if tokens[b] < 0 or tokens[b] >= embedding.shape[0]:
