@@ -84,9 +84,10 @@ def greedy_bytes_per_step(model) -> int:
     ``lm_head`` (codes and per-row stats) in place of ``lm_head`` where the decoder has one (the few candidate
     rows it then computes, 16 KB a block, are left out)."""
     llm = model.language_model
-    codes, stats = llm.decode_weights(1).lm_head_screen[:2] if hasattr(llm, "decode_weights") else ((), ())
-    if not len(codes):
+    screen = getattr(llm.decode_weights(1), "lm_head_screen", None) if hasattr(llm, "decode_weights") else None
+    if screen is None or not len(screen[0]):  # no numba step here (another device, no numba) or no screen
         return weight_bytes_per_step(model)
+    codes, stats = screen[:2]
     lm_head = llm.lm_head.weight
     return weight_bytes_per_step(model) - lm_head.numel() * lm_head.element_size() + codes.nbytes + stats.nbytes
 
