@@ -541,21 +541,30 @@ class ArgmaxScreen:
 
 
 @njit(fastmath=True, cache=True)
-def _screen_bounds(dots, stats, first_row, count, step, residual_norm, x_norm, rounding, upper):  # pragma: no cover
-    """``upper`` for ``count`` rows from ``first_row`` given their shifted int8 dots (``dots``), and the largest lower
-    bound among them. Every value here is finite (the caller handles non-finite inputs), so fast-math may
+def _screen_bounds(dots, stats, first_row, count, first, group, steps, residual_norms, x_norms, finite, rounding,
+                   upper, block_low, item):  # pragma: no cover - compiled
+    """``upper[b]`` for ``count`` rows from ``first_row`` and each finite input ``b = first + i`` (``i < group``),
+    given their shifted int8 dots (``dots[i]``), and the largest lower bound among them into
+    ``block_low[b, item]``. Every value here is finite (the caller handles non-finite inputs), so fast-math may
     vectorise and reorder these float64 sums: that moves them by about 1e-16 of their size, far inside the
-    1e-6 margin the bounds carry; it made a batch-8 screen 3x faster."""
-    low = -1.7e308
-    for lane in range(count):
-        row = first_row + lane
-        dot = np.int64(dots[lane]) - 128 * np.int64(stats[SCREEN_CODE_SUM, row])
-        estimate = stats[SCREEN_SCALE, row] * step * np.float64(dot)
-        bound = stats[SCREEN_RESIDUAL_FACTOR, row] * residual_norm + stats[SCREEN_INPUT_FACTOR, row] * x_norm
-        bound = (bound * (1 + rounding) + rounding * abs(estimate)) * (1 + 1e-6) + 1e-30
-        upper[row] = estimate + bound
-        low = max(low, estimate - bound)
-    return low
+    1e-6 margin the bounds carry. One call per block of rows for a whole group of inputs: called per input,
+    the calls alone cost about as much as a batch's screen saved."""
+    for i in range(group):
+        b = first + i
+        if not finite[b]:
+            continue
+        low = block_low[b, item]
+        for lane in range(count):
+            row = first_row + lane
+            # Integers below 2^53, so exact in float64, and no integer conversions to keep the loop from vectorising.
+            dot = np.float64(dots[i, lane]) - 128.0 * stats[SCREEN_CODE_SUM, row]
+            estimate = stats[SCREEN_SCALE, row] * steps[b] * dot
+            bound = (stats[SCREEN_RESIDUAL_FACTOR, row] * residual_norms[b]
+                     + stats[SCREEN_INPUT_FACTOR, row] * x_norms[b])
+            bound = (bound * (1 + rounding) + rounding * abs(estimate)) * (1 + 1e-6) + 1e-30
+            upper[b, row] = estimate + bound
+            low = max(low, estimate - bound)
+        block_low[b, item] = low
 
 
 @njit(parallel=True, cache=True)
@@ -594,21 +603,18 @@ def screened_argmax(weight, xs_in, xs, bf16, codes, stats, upper, block_low, bes
     for item in prange(block_low.shape[1]):
         lanes = np.empty((GROUP, BLOCK_ROWS), np.int32)
         for b in range(batch):
-            block_low[b, item] = -np.inf
+            block_low[b, item] = -1.7e308  # not -inf: the fast-math bounds assume no infinities
         for index in range(item * per_item, min(codes.shape[0], (item + 1) * per_item)):
             for first in range(0, batch, GROUP):
                 if batch == 1:
                     _block_dot(codes, index, shifted, 0, codes.shape[1], lanes)
                 else:
                     _block_dots8(codes, index, shifted, first, codes.shape[1], lanes)
-                count = min(BLOCK_ROWS, rows - index * BLOCK_ROWS)
-                for i in range(min(GROUP, batch - first)):
-                    b = first + i
-                    if finite[b]:
-                        low = _screen_bounds(lanes[i], stats, index * BLOCK_ROWS, count, steps[b], residual_norms[b],
-                                             x_norms[b], rounding, upper[b])
-                        block_low[b, item] = max(block_low[b, item], low)
-                    else:  # every row is a candidate
+                count, group = min(BLOCK_ROWS, rows - index * BLOCK_ROWS), min(GROUP, batch - first)
+                _screen_bounds(lanes, stats, index * BLOCK_ROWS, count, first, group, steps, residual_norms, x_norms,
+                               finite, rounding, upper, block_low, item)
+                for b in range(first, first + group):
+                    if not finite[b]:  # every row is a candidate
                         upper[b, index * BLOCK_ROWS:index * BLOCK_ROWS + count] = np.inf
     for b in prange(batch):
         threshold = block_low[b].max() if finite[b] else -np.inf

@@ -35,7 +35,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "6c8f6594614a5f789b0e83d8ef49ecfb2720fce25ae79d46fa65bf7c1048239d"
+GEMV_SOURCE_SHA256 = "8fe955d48ec2d81cafa5d5d8985f112b924e914c5dd4d7195c4acb52e61f2300"
 
 
 @njit(inline="always", fastmath=True)
