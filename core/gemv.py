@@ -32,7 +32,9 @@ imports numba; callers import it only when they pick this path.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -46,8 +48,17 @@ from numba.extending import intrinsic, overload
 #: scheduling costs nothing next to the row loads.
 ROW_BLOCK = 64
 # numba's workqueue threading layer (its fallback where no OpenMP or TBB runtime loads) must not be entered
-# from two threads at once; every parallel launch here takes this lock.
+# from two threads at once; every parallel launch takes this lock (through :func:`kernel_threads`).
 launch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def kernel_threads() -> Iterator[None]:
+    """Hold numba's launch lock with as many numba threads as torch uses, for a run of parallel kernel calls
+    (here, and in the plugins' fused kernels)."""
+    with launch_lock:
+        set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
+        yield
 
 
 def _compiles_for(feature: str) -> bool:
@@ -651,8 +662,7 @@ def gemv(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor) -> t
                         "cast the input, or pass the row-major matrix of as_matrix() to multiply float32 inputs")
     values = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     out = torch.empty((values.shape[0], rows), dtype=torch.float32)
-    with launch_lock:
-        set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
+    with kernel_threads():
         _gemv(matrix, values.numpy(), out.numpy())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -667,8 +677,7 @@ def gemv_argmax(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tenso
     values = x.to(torch.float32).contiguous().numpy()
     best = np.empty(x.shape[0], np.int64)
     upper, block_low = screen.scratch(x.shape[0])
-    with launch_lock:
-        set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
+    with kernel_threads():
         _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, upper, block_low,
                             best)
     return torch.from_numpy(best)

@@ -346,7 +346,8 @@ class LlamaDecoder(LanguageModel):
         """The whole step as one numba kernel (:func:`llavakit.plugins.llama_kernels.decode_tokens`), rows
         attending from ``starts``: the logits, or with ``greedy`` each row's argmax."""
         from llavakit.core.gemv import as_matrix
-        from llavakit.plugins.llama_kernels import decode_tokens, kernel_threads
+        from llavakit.core.gemv import kernel_threads
+        from llavakit.plugins.llama_kernels import decode_tokens
 
         keys, values = self._cache_arrays(kv_cache)
         dtype = self.lm_head.weight.dtype
@@ -371,8 +372,8 @@ class LlamaDecoder(LanguageModel):
         """A batch too large for the one-kernel step: per layer four packed oneDNN products, and between them three
         numba kernels for the norms and residuals, rotary, the cache write and attention, and the gated activation
         (:mod:`llavakit.plugins.llama_kernels`), rows attending from ``starts``."""
-        from llavakit.core.gemv import as_matrix
-        from llavakit.plugins.llama_kernels import attend_rows, kernel_threads, residual_norm, silu_gate
+        from llavakit.core.gemv import as_matrix, kernel_threads
+        from llavakit.plugins.llama_kernels import attend_rows, residual_norm, silu_gate
 
         keys, values = self._cache_arrays(kv_cache)
         cos, sin = cos[:, 0].float().contiguous().numpy(), sin[:, 0].float().contiguous().numpy()

@@ -21,21 +21,17 @@ another order than oneDNN's or PyTorch's attention kernels, and exponentials com
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
-from numba import config as numba_config
-from numba import njit, prange, set_num_threads
+from numba import njit, prange
 
-from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input, fma32, gemv_block, launch_lock,
-                                 matrix_rows, narrow, round_bf16, screened_argmax, widen)
+from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input, fma32, gemv_block, matrix_rows,
+                                 narrow, round_bf16, screened_argmax, widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "8fe955d48ec2d81cafa5d5d8985f112b924e914c5dd4d7195c4acb52e61f2300"
+GEMV_SOURCE_SHA256 = "06d1189738c384f2819526a650250906c327be1102dd6a3d1281498b3c8c3d2b"
 
 
 @njit(inline="always", fastmath=True)
@@ -302,15 +298,6 @@ def silu_gate(gate_up, bf16, out):  # pragma: no cover - compiled
     for b in range(out.shape[0]):
         for i in range(inner):
             out[b, i] = narrow(_silu_times(widen(gate_up[b, i]), widen(gate_up[b, inner + i]), bf16), out[0, 0])
-
-
-@contextlib.contextmanager
-def kernel_threads() -> Iterator[None]:
-    """Hold numba's launch lock (its workqueue threading layer must not be entered from two threads at once) with
-    as many numba threads as torch uses, for a run of parallel kernel calls."""
-    with launch_lock:
-        set_num_threads(max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)))
-        yield
 
 
 def as_cache_array(tensor: torch.Tensor) -> np.ndarray:
