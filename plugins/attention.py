@@ -1,4 +1,5 @@
-"""Built-in attention backends: ``eager`` (reference math), ``sdpa`` (torch), ``flash`` (flash kernels only).
+"""Built-in attention backends: ``eager`` (reference math), ``sdpa`` (llavakit's CPU prefill kernel or torch's SDPA),
+``flash`` (flash kernels only).
 
 Which kernel ``flash`` runs:
 
@@ -10,7 +11,9 @@ CUDA (sm80+), fp16/bf16,              the ``flash-attn`` package: ``flash_attn_f
                                       padded batch, native grouped-query attention.
 CUDA (sm80+), fp16/bf16,              PyTorch's flash kernel (``sdpa_kernel(FLASH_ATTENTION)``); a padded batch
 no usable ``flash-attn``              runs row by row over each row's real tokens (the kernel takes no mask).
-CPU, any float dtype                  PyTorch's CPU flash kernel, with the same padding-free packing.
+CPU, float32 or bf16, 32+ queries     llavakit's numba prefill kernel (:mod:`~llavakit.plugins.attention_kernels`;
+                                      bf16 where the CPU has AVX512-BF16), with the same padding-free packing.
+CPU, anything else                    PyTorch's CPU flash kernel, with the same packing.
 CUDA fp32, CUDA before sm80, or any   refused with :class:`AttentionBackendError` by :meth:`FlashAttention.check`,
 other device                          which the assembler calls before any weight is allocated.
 ====================================  ======================================================================
@@ -43,6 +46,11 @@ MIN_FLASH_ATTN_VERSION = (2, 1)
 #: Flash kernels on CUDA need Ampere (compute capability 8.0) or newer.
 MIN_CUDA_CAPABILITY = (8, 0)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+#: Dtypes llavakit's CPU prefill kernel has loops for (bf16 only where the CPU has bf16 dot products).
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+#: Fewer queries than this (a decode step, a short continuation) stay with PyTorch: the kernel copies every key
+#: and value into its blocked layout, which only a long enough block of queries pays for.
+CPU_KERNEL_MIN_QUERIES = 32
 
 
 def bottom_right_causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -67,12 +75,26 @@ class EagerAttention(AttentionBackend):
         return torch.matmul(weights, v)
 
 
+def cpu_kernel(q, k, v, mask, causal):
+    """llavakit's numba prefill kernel (:mod:`llavakit.plugins.attention_kernels`) where it computes this call,
+    else ``None``. The cheap checks come first: the module imports numba, which plugin discovery must not wait for."""
+    if q.device.type != "cpu" or mask is not None or q.dtype not in CPU_KERNEL_DTYPES or q.shape[2] < CPU_KERNEL_MIN_QUERIES:
+        return None
+    from llavakit.plugins import attention_kernels
+
+    return attention_kernels if attention_kernels.applies(q, k, v, mask, causal) else None
+
+
 class SdpaAttention(AttentionBackend):
-    """``torch.nn.functional.scaled_dot_product_attention`` with whatever kernel PyTorch picks."""
+    """Scaled dot-product attention: llavakit's CPU prefill kernel where it applies, else
+    ``torch.nn.functional.scaled_dot_product_attention`` with whatever kernel PyTorch picks."""
 
     name = "sdpa"
 
     def attend(self, q, k, v, *, mask, causal, scale):
+        kernel = cpu_kernel(q, k, v, mask, causal)
+        if kernel is not None:
+            return kernel.attention(q, k, v, causal=causal, scale=scale)
         if causal and q.shape[2] != k.shape[2]:
             # PyTorch's is_causal is top-left aligned; our contract is bottom-right (queries are the newest).
             mask, causal = bottom_right_causal(q.shape[2], k.shape[2], q.device), False
@@ -187,6 +209,8 @@ class FlashAttention(AttentionBackend):
         """Which kernel :meth:`attend` uses on ``device`` (for logs and benchmarks)."""
         if torch.device(device).type == "cuda" and self._resolve_flash_attn() is not None:
             return f"flash-attn {self._flash_attn.__version__} (flash_attn_func / flash_attn_varlen_func)"
+        if torch.device(device).type == "cpu":
+            return "llavakit's numba prefill kernel (32+ queries), else torch sdpa_kernel(FLASH_ATTENTION)"
         return "torch sdpa_kernel(FLASH_ATTENTION)"
 
     def _resolve_flash_attn(self):
@@ -217,7 +241,7 @@ class FlashAttention(AttentionBackend):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal
                 )
                 return out.transpose(1, 2)
-            return torch_flash(q, k, v, causal=causal, scale=scale)
+            return cpu_or_torch_flash(q, k, v, causal=causal, scale=scale)
         layout = self._layout(mask, q.shape[2], k.shape[2], q.shape[0])
         if flash_attn is not None:
             return self._varlen(flash_attn, q, k, v, layout, scale)
@@ -264,15 +288,19 @@ class FlashAttention(AttentionBackend):
                 keys = slice(start, span[1])
             else:
                 queries, keys = layout.query_valid[row], layout.key_valid[row]
-            out[row, :, queries] = torch_flash(
+            out[row, :, queries] = cpu_or_torch_flash(
                 q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
                 causal=True, scale=scale,
             )[0]
         return out
 
 
-def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
-    """PyTorch's flash kernel with bottom-right causality and grouped-query attention."""
+def cpu_or_torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+    """A flash kernel with bottom-right causality and grouped-query attention: llavakit's CPU prefill kernel where
+    it applies (:func:`cpu_kernel`), else PyTorch's."""
+    kernel = cpu_kernel(q, k, v, None, causal)
+    if kernel is not None:
+        return kernel.attention(q, k, v, causal=causal, scale=scale)
     causal = causal and q.shape[2] > 1  # a single (newest) query sees every key: nothing to mask
     if causal and q.shape[2] != k.shape[2]:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo (seconds), which plugin discovery must not.
@@ -293,7 +321,8 @@ def torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
 @hookimpl
 def register_attention_backends(register):
     register("eager", EagerAttention, description="reference matmul/softmax attention (fp32 softmax)")
-    register("sdpa", SdpaAttention, description="torch scaled_dot_product_attention, kernel chosen by PyTorch")
+    register("sdpa", SdpaAttention,
+             description="scaled dot-product attention: llavakit's CPU prefill kernel, else torch's SDPA")
     register(
         "flash",
         FlashAttention,

@@ -16,7 +16,7 @@ Numerics follow the PyTorch path: sums in float32, and with bf16 weights every v
 a bf16 tensor (norm outputs, projections, rotated q/k, the cache, the attention output, activations, the
 residual stream) is rounded to bf16 at the same point (:func:`~llavakit.core.gemv.round_bf16`). Sums run in
 another order than oneDNN's or PyTorch's attention kernels, and exponentials come from a 1-ulp polynomial
-(:func:`_exp`), so results agree to rounding, not bit for bit.
+(:func:`~llavakit.core.gemv.exp32`), so results agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,43 +25,18 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from llavakit.core.gemv import (ROW_BLOCK, as_matrix, bits_to_float32, dot_input, fma32, gemv_block, matrix_rows,
+from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_block, matrix_rows,
                                  narrow, round_bf16, screened_argmax, widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "06d1189738c384f2819526a650250906c327be1102dd6a3d1281498b3c8c3d2b"
+GEMV_SOURCE_SHA256 = "4fa4a43714a3dd83c4de7f68318c75b21c03c51b4814c3af084e0c1bda7bc2d9"
 
 
 @njit(inline="always", fastmath=True)
 def _round(value, bf16):  # pragma: no cover - compiled
     return round_bf16(value) if bf16 else value
-
-
-@njit(inline="always", fastmath=True)
-def _exp(x):  # pragma: no cover - compiled
-    """``exp(x)`` in float32 to within 1 ulp (Cephes' expf: ``2^n exp(r)`` with ``|r| <= ln2 / 2``), as plain
-    arithmetic: unlike a call into libm it vectorises, which made a batch-8 step's SiLUs and softmaxes (some 100k
-    exponentials) 10x cheaper. Overflows to inf above 88.72, underflows through the denormals to 0."""
-    n = np.floor(min(max(x, np.float32(-104.0)), np.float32(88.8)) * np.float32(1.44269504088896341) + np.float32(0.5))
-    # r = x - n ln2 in two exact steps; fused multiply-adds, which fast-math cannot fold into one rounded step.
-    r = fma32(-n, np.float32(-2.12194440e-4), fma32(-n, np.float32(0.693359375), x))
-    p = fma32(np.float32(1.9875691500e-4), r, np.float32(1.3981999507e-3))
-    p = fma32(p, r, np.float32(8.3334519073e-3))
-    p = fma32(p, r, np.float32(4.1665795894e-2))
-    p = fma32(p, r, np.float32(1.6666665459e-1))
-    p = fma32(p, r, np.float32(5.0000001201e-1))
-    y = fma32(p * r, r, r) + np.float32(1.0)
-    # 2^n as two powers of two of half its size each, so that n from -150 to 128 scales without overflow.
-    k = np.int32(n)
-    y = y * np.float32(2.0) if k > 127 else y
-    k = k - 1 if k > 127 else k
-    half = k // 2
-    y = y * bits_to_float32(np.uint32((half + 127) << 23)) * bits_to_float32(np.uint32((k - half + 127) << 23))
-    if x > np.float32(88.72283):
-        return np.float32(np.inf)
-    return np.float32(0.0) if x < np.float32(-103.97) else y
 
 
 @njit(inline="always", fastmath=True)
@@ -88,7 +63,7 @@ def _add_residual(x, delta, bf16):  # pragma: no cover - compiled
 @njit(inline="always", fastmath=True)
 def _silu_times(gate, up, bf16):  # pragma: no cover - compiled
     """``silu(gate) * up`` with PyTorch's bf16 roundings (after the SiLU and after the product)."""
-    return _round(_round(gate / (np.float32(1.0) + _exp(-gate)), bf16) * up, bf16)
+    return _round(_round(gate / (np.float32(1.0) + exp32(-gate)), bf16) * up, bf16)
 
 
 @njit(inline="always", fastmath=True)
@@ -126,7 +101,7 @@ def _attend_head(rotated, keys, values, head, group, first, position, scale, bf1
         top = max(top, scores[t - first])
     total = np.float32(0.0)
     for i in range(scores.shape[0]):
-        weight = _exp(scores[i] - top)
+        weight = exp32(scores[i] - top)
         total += weight
         # PyTorch's CPU attention kernel multiplies the values by these weights in the input dtype.
         scores[i] = _round(weight, bf16)
