@@ -91,16 +91,36 @@ class SdpaAttention(AttentionBackend):
 
     name = "sdpa"
 
+    def __init__(self) -> None:
+        self._layout_cache: tuple[torch.Tensor, PaddedLayout | None] | None = None
+
     def attend(self, q, k, v, *, mask, causal, scale):
         kernel = cpu_kernel(q, k, v, mask, causal)
         if kernel is not None:
             return kernel.attention(q, k, v, causal=causal, scale=scale)
+        if mask is not None and cpu_kernel(q, k, v, None, True) is not None:
+            layout = self._left_padding(mask, q.shape[2], k.shape[2], q.shape[0])
+            if layout is not None:  # a left-padded prefill: each row's real tokens through the kernel
+                return attend_rows(q, k, v, layout, scale)
         if causal and q.shape[2] != k.shape[2]:
             # PyTorch's is_causal is top-left aligned; our contract is bottom-right (queries are the newest).
             mask, causal = bottom_right_causal(q.shape[2], k.shape[2], q.device), False
         if k.shape[1] != q.shape[1]:
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+    def _left_padding(self, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout | None:
+        """The layout of the decoder's mask over left-padded rows (a padding query sees only itself, which is what
+        :func:`attend_rows` gives it), else ``None``. Every layer of one forward gets the same mask: read it once."""
+        if self._layout_cache is None or self._layout_cache[0] is not mask:
+            try:
+                layout = PaddedLayout.from_mask(mask, q_len, k_len, batch_size)
+            except AttentionBackendError:  # another mask structure: torch's SDPA takes any mask
+                layout = None
+            if layout is not None and not all(span is not None and span[1] == k_len for span in layout.key_spans):
+                layout = None  # right padding: padding queries see the real keys too, as only a mask says
+            self._layout_cache = (mask, layout)
+        return self._layout_cache[1]
 
 
 @dataclass(frozen=True)
@@ -245,7 +265,7 @@ class FlashAttention(AttentionBackend):
         layout = self._layout(mask, q.shape[2], k.shape[2], q.shape[0])
         if flash_attn is not None:
             return self._varlen(flash_attn, q, k, v, layout, scale)
-        return self._row_by_row(q, k, v, layout, scale)
+        return attend_rows(q, k, v, layout, scale)
 
     def _layout(self, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout:
         # Every layer of one forward receives the same mask object: read it once.
@@ -276,23 +296,23 @@ class FlashAttention(AttentionBackend):
         out = out.index_copy(0, layout.query_index, packed_out.to(out.dtype))
         return out.view(batch, q_len, heads, head_dim).transpose(1, 2)
 
-    @staticmethod
-    def _row_by_row(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
-        """PyTorch's flash kernel takes no mask: run each row over its real tokens only."""
-        q_len, k_len = q.shape[2], k.shape[2]
-        out = own_values(v, q_len, q.shape[1]).clone()
-        for row, span in enumerate(layout.key_spans):
-            if span is not None:  # slices are views: no copy of the row's keys and values
-                start = span[0]
-                queries = slice(max(start - (k_len - q_len), 0), q_len)
-                keys = slice(start, span[1])
-            else:
-                queries, keys = layout.query_valid[row], layout.key_valid[row]
-            out[row, :, queries] = cpu_or_torch_flash(
-                q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
-                causal=True, scale=scale,
-            )[0]
-        return out
+def attend_rows(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
+    """A padded batch row by row, each over its real tokens only (a flash kernel takes no mask); a padding
+    query's output is its own value."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    out = own_values(v, q_len, q.shape[1]).clone()
+    for row, span in enumerate(layout.key_spans):
+        if span is not None:  # slices are views: no copy of the row's keys and values
+            start = span[0]
+            queries = slice(max(start - (k_len - q_len), 0), q_len)
+            keys = slice(start, span[1])
+        else:
+            queries, keys = layout.query_valid[row], layout.key_valid[row]
+        out[row, :, queries] = cpu_or_torch_flash(
+            q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
+            causal=True, scale=scale,
+        )[0]
+    return out
 
 
 def cpu_or_torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:

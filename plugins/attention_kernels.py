@@ -11,16 +11,16 @@ products. This kernel computes both products of attention with the blocked loops
 How, per head and tile of 8 queries:
 
 1. ``S = Q K^T`` for every key the tile sees (the keys blocked like a matrix of :func:`~llavakit.core.gemv.
-   blocked_layout`: 16 keys per 64-byte line), scaled; the causal triangle past the tile's last query is skipped.
-2. Softmax per query over its own keys in float32 (:func:`~llavakit.core.gemv.exp32`): the maximum, the
-   exponentials, their float32 sum. The exponentials are then rounded to the input dtype, as PyTorch's flash
-   kernel rounds its probabilities before multiplying them with the values.
+   blocked_layout`: 16 keys per 64-byte line); the causal triangle past the tile's last query is skipped.
+2. Softmax per query over its own keys in float32: the maximum (:func:`_lines_max`), the exponentials of
+   ``scale * (score - max)`` (:func:`_softmax_exp`), their float32 sum. The exponentials are then rounded to
+   the input dtype, as PyTorch's flash kernel rounds its probabilities before multiplying them with the values.
 3. ``O = P V`` with ``V`` blocked transposed (16 head dimensions per line, one key (float32) or a pair of keys
    (bf16) per line), divided by the sum and rounded once to the output dtype.
 
 Unlike a flash kernel, the scores of a tile's whole key range are kept (8 x 2372 floats, 76 KB, in the core's
 L2), so the softmax needs no running rescales. Sums run in float32 in another order than PyTorch's, so results
-agree with it to rounding, not bit for bit (tests/test_attention.py bounds the error against a float64
+agree with it to rounding, not bit for bit (tests/test_attention_kernel.py bounds the error against a float64
 reference: no worse than PyTorch's own kernel).
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
@@ -100,20 +101,20 @@ def _softmax_exp(x):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention(queries, key_blocks, value_blocks, out, q_len, k_len, scale, causal, threads):  # pragma: no cover - compiled
-    """``out[b, h, :q_len] = softmax(scale * Q K^T) V`` for every batch row and head (module docstring).
+def _attention(queries, key_blocks, value_blocks, out, k_len, scale, causal, threads):  # pragma: no cover - compiled
+    """``out[b, h] = softmax(scale * Q K^T) V`` for every batch row and head (module docstring).
 
-    ``queries`` ``[B, H, Lq8, D]`` (zero rows past ``q_len``); ``key_blocks`` ``[B, Hkv, Lk16/16, C, 16(, 2)]``;
-    ``value_blocks`` ``[B, Hkv, D/16, Lk16/K, 16(, 2)]`` (``C`` = D/2 pairs and ``K`` = 2 keys per line in bf16,
-    D and 1 in float32); ``out`` like ``queries``. Causal attention is bottom-right aligned: query ``i`` sees keys
-    up to ``i + k_len - q_len``."""
-    batch, heads, padded_q, head_dim = queries.shape
+    ``queries`` ``[B, H, Lq, D]`` (any strides but a contiguous last axis); ``key_blocks``
+    ``[B, Hkv, Lk16/16, C, 16(, 2)]``; ``value_blocks`` ``[B, Hkv, D/16, Lk16/K, 16(, 2)]`` (``C`` = D/2 pairs and
+    ``K`` = 2 keys per line in bf16, D and 1 in float32), zeros past ``k_len``; ``out`` like ``queries``. Causal
+    attention is bottom-right aligned: query ``i`` sees keys up to ``i + k_len - q_len``."""
+    batch, heads, q_len, head_dim = queries.shape
     group = heads // key_blocks.shape[1]
     columns = key_blocks.shape[3]
     key_room = key_blocks.shape[2] * LINE
     keys_per_column = key_room // value_blocks.shape[3]
     offset = k_len - q_len
-    tiles = padded_q // TILE
+    tiles = (q_len + TILE - 1) // TILE
     items = batch * heads * tiles
     chunks = min(items, 4 * threads)  # a few per thread, for threads that start late
     for chunk in prange(chunks):
@@ -121,6 +122,7 @@ def _attention(queries, key_blocks, value_blocks, out, q_len, k_len, scale, caus
         probabilities = np.zeros((TILE, key_room), queries.dtype)
         lanes = np.empty((TILE, LINE), np.float32)
         sums = np.empty(TILE, np.float32)
+        tail = np.zeros((TILE, head_dim), queries.dtype)  # a last tile's queries, padded with zero rows
         for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
             head_row, turn = divmod(item, tiles)
             # Tiles alternate from both ends of the triangle, so every chunk of consecutive items costs the same.
@@ -128,11 +130,15 @@ def _attention(queries, key_blocks, value_blocks, out, q_len, k_len, scale, caus
             row, head = divmod(head_row, heads)
             first = tile * TILE
             last_key = min(first + TILE - 1 + offset, k_len - 1) if causal else k_len - 1
-            row_queries = queries[row, head]
+            row_queries, start = queries[row, head], first
+            rows = min(TILE, q_len - first)
+            if rows < TILE:  # the eight loads of a tile must stay inside the queries
+                for r in range(rows):
+                    tail[r] = row_queries[first + r]
+                row_queries, start = tail, 0
             row_keys = key_blocks[row, head // group]
-            blocks = last_key // LINE + 1
-            for block in range(blocks):  # the products go straight into the scores' block of 16 keys
-                _block_dots8(row_keys, block, row_queries, first, columns, scores[:, block * LINE:])
+            for block in range(last_key // LINE + 1):  # the products go straight into the scores' block of 16 keys
+                _block_dots8(row_keys, block, row_queries, start, columns, scores[:, block * LINE:])
             # The value products run over whole lines of keys (a pair of them in bf16).
             key_end = (last_key // keys_per_column + 1) * keys_per_column
             for r in range(TILE):
@@ -156,7 +162,7 @@ def _attention(queries, key_blocks, value_blocks, out, q_len, k_len, scale, caus
             row_values = value_blocks[row, head // group]
             for block in range(head_dim // LINE):
                 _block_dots8(row_values, block, probabilities, 0, key_end // keys_per_column, lanes)
-                for r in range(TILE):
+                for r in range(rows):
                     for i in range(LINE):
                         out[row, head, first + r, block * LINE + i] = narrow(lanes[r, i] / sums[r], out[0, 0, 0, 0])
 
@@ -178,7 +184,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _words(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous bf16 tensor's 16-bit words, or a float32 tensor's values, as a NumPy view (no copy)."""
+    """A bf16 tensor's 16-bit words, or a float32 tensor's values, as a NumPy view with its strides (no copy)."""
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
@@ -186,26 +192,28 @@ def _words(tensor: torch.Tensor) -> np.ndarray:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
     """``softmax(scale * q k^T) v`` for ``q`` ``[B, H, Lq, D]`` and ``k``, ``v`` ``[B, Hkv, Lk, D]`` (``H`` a
-    multiple of ``Hkv``), causal bottom-right aligned; call only where :func:`applies`. Returns ``[B, H, Lq, D]``."""
+    multiple of ``Hkv``), causal bottom-right aligned; call only where :func:`applies`. Returns ``[B, H, Lq, D]``,
+    a view of a ``[B, Lq, H, D]`` tensor: the layout the output projection reads, so the usual
+    ``transpose(1, 2).reshape(B, Lq, H * D)`` copies nothing. The queries are read where they are (the usual
+    ``[B, Lq, H, D]`` projection, transposed); keys and values are copied once into the blocked layouts."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    padded_q, padded_k = -(-q_len // TILE) * TILE, -(-k_len // LINE) * LINE
-    queries = q.new_zeros(batch, heads, padded_q, head_dim)
-    queries[:, :, :q_len] = q
-    keys = k.new_zeros(batch, kv_heads, padded_k, head_dim)
-    keys[:, :, :k_len] = k
-    values = v.new_zeros(batch, kv_heads, padded_k, head_dim)
-    values[:, :, :k_len] = v
-    blocks = padded_k // LINE
+    padded_k = -(-k_len // LINE) * LINE
+    blocks, lines = padded_k // LINE, head_dim // LINE
+    # Zero keys past k_len: their scores are masked anyway, but their values meet probabilities of 0 in the
+    # products, and 0 times a stale NaN would not be 0.
+    keys = F.pad(k, (0, 0, 0, padded_k - k_len))
+    values = F.pad(v, (0, 0, 0, padded_k - k_len))
     if q.dtype == torch.bfloat16:  # lines of 16 keys x a pair of dimensions; of 16 dimensions x a pair of keys
         key_blocks = keys.view(batch, kv_heads, blocks, LINE, head_dim // 2, 2).permute(0, 1, 2, 4, 3, 5)
-        value_blocks = values.view(batch, kv_heads, padded_k // 2, 2, head_dim // LINE, LINE).permute(0, 1, 4, 2, 5, 3)
+        value_blocks = values.view(batch, kv_heads, padded_k // 2, 2, lines, LINE).permute(0, 1, 4, 2, 5, 3)
     else:  # lines of 16 keys x one dimension; of 16 dimensions x one key
         key_blocks = keys.view(batch, kv_heads, blocks, LINE, head_dim).permute(0, 1, 2, 4, 3)
-        value_blocks = values.view(batch, kv_heads, padded_k, head_dim // LINE, LINE).permute(0, 1, 3, 2, 4)
+        value_blocks = values.view(batch, kv_heads, padded_k, lines, LINE).permute(0, 1, 3, 2, 4)
     key_blocks, value_blocks = key_blocks.contiguous(), value_blocks.contiguous()
-    out = torch.empty_like(queries)
+    queries = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype).transpose(1, 2)
     with kernel_threads():
-        _attention(_words(queries), _words(key_blocks), _words(value_blocks), _words(out), q_len, k_len,
-                   np.float32(scale), causal, get_num_threads())
-    return out[:, :, :q_len]
+        _attention(_words(queries), _words(key_blocks), _words(value_blocks), _words(out), k_len, np.float32(scale),
+                   causal, get_num_threads())
+    return out

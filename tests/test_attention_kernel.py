@@ -146,3 +146,37 @@ def test_the_kernels_cache_follows_the_gemv_source():
     digest = hashlib.sha256(Path(gemv.__file__).read_bytes()).hexdigest()
     assert attention_kernels.GEMV_SOURCE_SHA256 == digest, (
         f"core/gemv.py changed: set GEMV_SOURCE_SHA256 in plugins/attention_kernels.py to {digest!r}")
+
+
+def padded_mask(lengths: list[int], total: int, left: bool = True) -> torch.Tensor:
+    """The decoder's mask for padded rows: causal over real keys, a padding query sees itself too."""
+    attention_mask = torch.zeros(len(lengths), total, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        attention_mask[row, total - length:] = True
+    if not left:
+        attention_mask = attention_mask.flip(-1)
+    positions = torch.arange(total)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & attention_mask[:, None, None, :]
+    return allowed | torch.eye(total, dtype=torch.bool)[None, None]
+
+
+def test_sdpa_runs_left_padded_prefills_row_by_row_through_the_kernel():
+    q, k, v = inputs(3, 4, 2, 90, 90, 32, torch.float32)
+    mask = padded_mask([90, 61, 7], 90)
+    out = SdpaAttention().attend(q, k, v, mask=mask, causal=False, scale=0.2)
+    expected = torch_kernel_masked(q, k, v, mask, 0.2)
+    assert (out - expected).abs().max() < 1e-5  # every position, padding queries (their own value) included
+    alone = attention_kernels.attention(q[1:2, :, 29:], k[1:2, :, 29:], v[1:2, :, 29:], causal=True, scale=0.2)
+    assert torch.equal(out[1:2, :, 29:], alone)  # the 61-token row went through the kernel
+    # Right padding: the padding queries see real keys, which only the mask says; torch's SDPA takes it.
+    right = padded_mask([90, 61, 7], 90, left=False)
+    out = SdpaAttention().attend(q, k, v, mask=right, causal=False, scale=0.2)
+    assert (out - torch_kernel_masked(q, k, v, right, 0.2)).abs().max() < 1e-6
+    backend = SdpaAttention()
+    assert backend._left_padding(mask, 90, 90, 3) is not None and backend._left_padding(right, 90, 90, 3) is None
+
+
+def torch_kernel_masked(q, k, v, mask, scale):
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask, scale=scale)
