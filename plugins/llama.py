@@ -261,10 +261,12 @@ class LlamaDecoder(LanguageModel):
         """:meth:`decode_weights` for steps on ``kv_cache``, checked against the parameters on its first step
         only: with the CPU caches cold from streaming the weights, the check cost 0.2 ms of a 3-4 ms step. So a
         parameter changed between two steps on one cache (not between generations) is not seen by those steps."""
-        weights = kv_cache.views.get("decode_weights")
-        if weights is None or weights.batch_size != batch_size:
-            weights = kv_cache.views["decode_weights"] = self.decode_weights(batch_size)
-        return weights
+        # Keyed by the step's batch size, not the weights' own: weights packed for another batch size fit this one
+        # too (except MKL's), and comparing with theirs re-ran the check on every step of such a cache.
+        checked = kv_cache.views.get("decode_weights")
+        if checked is None or checked[1] != batch_size:
+            checked = kv_cache.views["decode_weights"] = (self.decode_weights(batch_size), batch_size)
+        return checked[0]
 
     def _unfused_step(self, tokens, position_ids, attention_mask, kv_cache: KVCache, weights: DecodeWeights,
                       starts: np.ndarray | None) -> torch.Tensor:

@@ -127,6 +127,25 @@ def test_packed_weights_follow_weight_changes():
     assert llm._decode_weights is None
 
 
+def test_the_parameter_check_runs_once_per_cache_whatever_batch_came_before(monkeypatch):
+    """Steps check the packed weights against the parameters on a cache's first step only, also when the weights
+    were packed for another batch size (they fit it): a check every step cost 0.1-0.2 ms of each."""
+    from llavakit.plugins import llama
+
+    llm = decoder()
+    checks = []
+    original = llama.parameter_fingerprint
+    monkeypatch.setattr(llama, "parameter_fingerprint", lambda slots: checks.append(1) or original(slots))
+    for batch in (1, 3, 1):
+        cache = prefilled(llm, torch.randint(0, 299, (batch, 6)), None, room=5)
+        checks.clear()
+        with torch.inference_mode():
+            for step in range(5):
+                llm.decode_greedy(torch.zeros(batch, dtype=torch.long), position_ids=torch.full((batch, 1), 6 + step),
+                                  attention_mask=None, kv_cache=cache)
+        assert len(checks) <= 1, f"batch {batch}: {len(checks)} parameter checks in 5 steps"
+
+
 def test_with_gradients_the_step_is_the_differentiable_forward():
     llm = decoder()
     cache = llm.new_kv_cache(1, 8)
