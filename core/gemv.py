@@ -572,25 +572,28 @@ class ArgmaxScreen:
 
     def scratch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The scratch :func:`screened_argmax` needs for up to ``batch_size`` inputs (allocated once, so a step
-        allocates nothing this size)."""
+        allocates nothing this size): the largest upper bound of each block of 16 rows, the largest lower bound
+        of each parallel work item."""
         rows = self.stats.shape[1]
-        return np.empty((batch_size, rows)), np.empty((batch_size, -(-rows // ROW_BLOCK)))
+        return np.empty((batch_size, -(-rows // BLOCK_ROWS))), np.empty((batch_size, -(-rows // ROW_BLOCK)))
 
 
 @njit(fastmath=True, cache=True)
-def _screen_bounds(dots, stats, first_row, count, first, group, steps, residual_norms, x_norms, finite, rounding,
-                   upper, block_low, item):  # pragma: no cover - compiled
-    """``upper[b]`` for ``count`` rows from ``first_row`` and each finite input ``b = first + i`` (``i < group``),
-    given their shifted int8 dots (``dots[i]``), and the largest lower bound among them into
-    ``block_low[b, item]``. Every value here is finite (the caller handles non-finite inputs), so fast-math may
-    vectorise and reorder these float64 sums: that moves them by about 1e-16 of their size, far inside the
-    1e-6 margin the bounds carry. One call per block of rows for a whole group of inputs: called per input,
-    the calls alone cost about as much as a batch's screen saved."""
+def _screen_bounds(dots, stats, block, count, first, group, steps, residual_norms, x_norms, finite, rounding,
+                   block_upper, block_low, item):  # pragma: no cover - compiled
+    """For the ``count`` rows of block ``block`` (16 rows) and each finite input ``b = first + i`` (``i < group``),
+    given their shifted int8 dots (``dots[i]``): the largest upper bound into ``block_upper[b, block]`` and the
+    largest lower bound so far into ``block_low[b, item]``. Every value here is finite (the caller handles
+    non-finite inputs), so fast-math may vectorise and reorder these float64 sums: that moves them by about
+    1e-16 of their size, far inside the 1e-6 margin the bounds carry. One call per block of rows for a whole
+    group of inputs, and one bound kept per block, not per row: per input, the calls alone cost about as much as
+    a batch's screen saved, and per row the bounds were 2 MB of stores a batch-8 step."""
+    first_row = block * BLOCK_ROWS
     for i in range(group):
         b = first + i
         if not finite[b]:
             continue
-        low = block_low[b, item]
+        low, high = block_low[b, item], -1.7e308
         for lane in range(count):
             row = first_row + lane
             # Integers below 2^53, so exact in float64, and no integer conversions to keep the loop from vectorising.
@@ -599,19 +602,44 @@ def _screen_bounds(dots, stats, first_row, count, first, group, steps, residual_
             bound = (stats[SCREEN_RESIDUAL_FACTOR, row] * residual_norms[b]
                      + stats[SCREEN_INPUT_FACTOR, row] * x_norms[b])
             bound = (bound * (1 + rounding) + rounding * abs(estimate)) * (1 + 1e-6) + 1e-30
-            upper[b, row] = estimate + bound
+            high = max(high, estimate + bound)
             low = max(low, estimate - bound)
+        block_upper[b, block] = high
         block_low[b, item] = low
 
 
+def block_values(weight, block, x, bf16, values):  # pragma: no cover - replaced by the overload below
+    """Inside numba kernels: ``values[lane]`` = :func:`row_value` of row ``16 * block + lane`` for the block's rows,
+    with its bits: a blocked matrix's block computed once (the candidates of :func:`screened_argmax`)."""
+    raise NotImplementedError
+
+
+@overload(block_values)
+def _block_values_for(weight, block, x, bf16, values):
+    if _is_blocked(weight):
+        def blocked(weight, block, x, bf16, values):
+            lanes = values.reshape((1, BLOCK_ROWS))
+            _block_dot(weight[0], block, x.reshape((1, x.shape[0])), 0, weight[0].shape[1], lanes)
+            if bf16:
+                for lane in range(BLOCK_ROWS):
+                    values[lane] = round_bf16(values[lane])
+        return blocked
+
+    def row_major(weight, block, x, bf16, values):
+        for lane in range(min(BLOCK_ROWS, weight.shape[0] - block * BLOCK_ROWS)):
+            values[lane] = row_value(weight, block * BLOCK_ROWS + lane, x, bf16)
+    return row_major
+
+
 @njit(parallel=True, cache=True)
-def screened_argmax(weight, xs_in, xs, bf16, codes, stats, upper, block_low, best):  # pragma: no cover - compiled
+def screened_argmax(weight, xs_in, xs, bf16, codes, stats, block_upper, block_low, best):  # pragma: no cover - compiled
     """``best[b]`` = the argmax over rows of :func:`row_value` (``weight``, ``xs_in[b]`` as :func:`dot_input`
     gives it) for every row ``b`` of ``xs`` (the inputs as float32 values, ``[B, K]``): the first index among
     equal maxima, a NaN winning as in ``torch.argmax``, found through the screen ``codes``/``stats`` of
-    ``weight`` (:class:`ArgmaxScreen`). Each code line is read once for the whole batch. ``upper`` (``[B, N]``)
-    and ``block_low`` (``[B, N / ROW_BLOCK]``) are scratch. No fast-math here: the bounds and the NaN test must
-    hold as written."""
+    ``weight`` (:class:`ArgmaxScreen`). Each code line is read once for the whole batch. ``block_upper``
+    (``[B, N / 16]``) and ``block_low`` (``[B, N / ROW_BLOCK]``) are scratch (:meth:`ArgmaxScreen.scratch`). Every
+    row of a block whose largest upper bound reaches the largest lower bound is computed (a superset of the rows
+    that can win, so the same winner). No fast-math here: the bounds and the NaN test must hold as written."""
     batch, width = xs.shape
     rows = matrix_rows(weight)
     rounding = 2.0 ** -8 if bf16 else 0.0
@@ -648,23 +676,30 @@ def screened_argmax(weight, xs_in, xs, bf16, codes, stats, upper, block_low, bes
                 else:
                     _block_dots8(codes, index, shifted, first, codes.shape[1], lanes)
                 count, group = min(BLOCK_ROWS, rows - index * BLOCK_ROWS), min(GROUP, batch - first)
-                _screen_bounds(lanes, stats, index * BLOCK_ROWS, count, first, group, steps, residual_norms, x_norms,
-                               finite, rounding, upper, block_low, item)
+                _screen_bounds(lanes, stats, index, count, first, group, steps, residual_norms, x_norms,
+                               finite, rounding, block_upper, block_low, item)
                 for b in range(first, first + group):
                     if not finite[b]:  # every row is a candidate
-                        upper[b, index * BLOCK_ROWS:index * BLOCK_ROWS + count] = np.inf
+                        block_upper[b, index] = np.inf
     for b in prange(batch):
         threshold = block_low[b].max() if finite[b] else -np.inf
+        values = np.empty(BLOCK_ROWS, np.float32)
         best[b] = -1
         best_value = np.float32(0.0)
-        for row in range(rows):
-            if upper[b, row] >= threshold:
-                value = row_value(weight, row, xs_in[b], bf16)
+        for block in range(codes.shape[0]):
+            if not block_upper[b, block] >= threshold:
+                continue
+            block_values(weight, block, xs_in[b], bf16, values)
+            nan = False
+            for lane in range(min(BLOCK_ROWS, rows - block * BLOCK_ROWS)):
+                value = values[lane]
                 if value != value:
-                    best[b] = row
+                    best[b], nan = block * BLOCK_ROWS + lane, True
                     break
                 if best[b] < 0 or value > best_value:
-                    best[b], best_value = row, value
+                    best[b], best_value = block * BLOCK_ROWS + lane, value
+            if nan:
+                break
 
 
 def as_matrix(weight: torch.Tensor) -> np.ndarray:
@@ -702,13 +737,13 @@ def gemv_argmax(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tenso
         return gemv(matrix, x).float().argmax(-1)
     values = x.to(torch.float32).contiguous().numpy()
     best = np.empty(x.shape[0], np.int64)
-    upper, block_low = screen.scratch(x.shape[0])
+    block_upper, block_low = screen.scratch(x.shape[0])
     with kernel_threads():
-        _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, upper, block_low,
+        _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, block_upper, block_low,
                             best)
     return torch.from_numpy(best)
 
 
 @njit(cache=True)
-def _screened_argmax_of(weight, xs, bf16, codes, stats, upper, block_low, best):  # pragma: no cover - compiled
-    screened_argmax(weight, dot_input(xs, weight), xs, bf16, codes, stats, upper, block_low, best)
+def _screened_argmax_of(weight, xs, bf16, codes, stats, block_upper, block_low, best):  # pragma: no cover - compiled
+    screened_argmax(weight, dot_input(xs, weight), xs, bf16, codes, stats, block_upper, block_low, best)
