@@ -97,11 +97,18 @@ _INT_LANES = ir.VectorType(ir.IntType(32), 16)
 BLOCK_ROWS = 16
 #: Inputs one weight load is multiplied with (a batch step's rows, eight at a time).
 GROUP = 8
-#: How far ahead of its loads a batch's product asks for weights (software prefetch). With 8 inputs per load a
-#: core spends long enough on each line that the hardware prefetcher falls behind: batch-8 products of the
-#: benchmark model's matrices went from 15-18 to 19-25 GB/s (medians of three alternating runs) with 1536
-#: bytes; one row streams at 30+ GB/s without it.
-PREFETCH_BYTES = 1536
+#: How far ahead of its loads a batch's product asks for weights (software prefetch, into L2: see
+#: :data:`PREFETCH_LOCALITY`). With 8 inputs per load a core spends long enough on each line that the hardware
+#: prefetcher falls behind, and the products no longer overlap their memory reads: the benchmark model's bf16
+#: weights (80 MB) took 1.43 ms of dot products plus 2.3 ms of reads, about their sum. Prefetched 16 KB ahead
+#: into L2 the reads overlap: 3.0-3.1 against 5.0-5.5 ms for all of them at batch 8 (medians of 20 alternating
+#: rounds, 1536 bytes ahead into L1 before; best 2.1 ms, what one row takes). One row streams at 34 GB/s
+#: without any.
+PREFETCH_BYTES = 16384
+#: ``llvm.prefetch``'s locality for those reads: 2 (``prefetcht1``, to L2). A prefetch to L1 (``prefetcht0``, or
+#: ``prefetchnta``) holds one of the core's few L1 miss buffers for a whole trip to memory, which caps how many
+#: can be in flight: on Zen 4 those ran at 14-16 GB/s whatever the distance, the L2 ones at 24-27.
+PREFETCH_LOCALITY = 2
 
 
 def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: no cover - compiled
@@ -148,11 +155,11 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
 
     def step(accumulators, column):
         address = builder.gep(block_start, [builder.mul(column, ir.Constant(i64, 64))])
-        if rows_of_x > 1:  # prefetchnta: read once, so kept out of the way of reused data
+        if rows_of_x > 1:  # a batch: the weights are asked for ahead, into L2 (see PREFETCH_BYTES)
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]), "llvm.prefetch.p0")
             builder.call(prefetch, [builder.gep(address, [ir.Constant(i64, PREFETCH_BYTES)]), ir.Constant(i32, 0),
-                                    ir.Constant(i32, 0), ir.Constant(i32, 1)])
+                                    ir.Constant(i32, PREFETCH_LOCALITY), ir.Constant(i32, 1)])
         w = builder.load(builder.bitcast(address, weight_type.as_pointer()), align=4)
         out = []
         for acc, x_start in zip(accumulators, x_starts):

@@ -38,7 +38,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, fma32, k
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "38cb10adecd116ac400ce2f9974c3e799240f92b140095023a0313cbbef24ef8"
+GEMV_SOURCE_SHA256 = "5805d67ea71d6fb3b1b7acde06f5bb6694739562e4c391c07bec1c03c38a5182"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.

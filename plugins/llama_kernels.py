@@ -31,7 +31,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "38cb10adecd116ac400ce2f9974c3e799240f92b140095023a0313cbbef24ef8"
+GEMV_SOURCE_SHA256 = "5805d67ea71d6fb3b1b7acde06f5bb6694739562e4c391c07bec1c03c38a5182"
 
 
 @njit(inline="always", fastmath=True)
