@@ -90,15 +90,18 @@ class SdpaAttention(AttentionBackend):
     ``torch.nn.functional.scaled_dot_product_attention`` with whatever kernel PyTorch picks."""
 
     name = "sdpa"
+    #: Whether CPU prefills may run llavakit's kernel (set ``model.attention_backend.use_cpu_kernel = False`` to
+    #: keep PyTorch's: no numba compilation on first use, 5-6 s per dtype the first time, cached on disk after).
+    use_cpu_kernel: bool = True
 
     def __init__(self) -> None:
         self._layout_cache: tuple[torch.Tensor, PaddedLayout | None] | None = None
 
     def attend(self, q, k, v, *, mask, causal, scale):
-        kernel = cpu_kernel(q, k, v, mask, causal)
+        kernel = cpu_kernel(q, k, v, mask, causal) if self.use_cpu_kernel else None
         if kernel is not None:
             return kernel.attention(q, k, v, causal=causal, scale=scale)
-        if mask is not None and cpu_kernel(q, k, v, None, True) is not None:
+        if mask is not None and self.use_cpu_kernel and cpu_kernel(q, k, v, None, True) is not None:
             layout = self._left_padding(mask, q.shape[2], k.shape[2], q.shape[0])
             if layout is not None:  # a left-padded prefill: each row's real tokens through the kernel
                 return attend_rows(q, k, v, layout, scale)
@@ -197,6 +200,8 @@ class FlashAttention(AttentionBackend):
     """Flash kernels only; refuses where none can run (see the module docstring for which one runs where)."""
 
     name = "flash"
+    #: Whether CPU prefills may run llavakit's kernel rather than PyTorch's flash kernel (see ``SdpaAttention``).
+    use_cpu_kernel: bool = True
 
     def __init__(self) -> None:
         self._flash_attn = None  # the flash-attn module, once found usable on CUDA
@@ -261,11 +266,11 @@ class FlashAttention(AttentionBackend):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal
                 )
                 return out.transpose(1, 2)
-            return cpu_or_torch_flash(q, k, v, causal=causal, scale=scale)
+            return cpu_or_torch_flash(q, k, v, causal=causal, scale=scale, use_kernel=self.use_cpu_kernel)
         layout = self._layout(mask, q.shape[2], k.shape[2], q.shape[0])
         if flash_attn is not None:
             return self._varlen(flash_attn, q, k, v, layout, scale)
-        return attend_rows(q, k, v, layout, scale)
+        return attend_rows(q, k, v, layout, scale, use_kernel=self.use_cpu_kernel)
 
     def _layout(self, mask: torch.Tensor, q_len: int, k_len: int, batch_size: int) -> PaddedLayout:
         # Every layer of one forward receives the same mask object: read it once.
@@ -296,7 +301,7 @@ class FlashAttention(AttentionBackend):
         out = out.index_copy(0, layout.query_index, packed_out.to(out.dtype))
         return out.view(batch, q_len, heads, head_dim).transpose(1, 2)
 
-def attend_rows(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
+def attend_rows(q, k, v, layout: PaddedLayout, scale: float, use_kernel: bool = True) -> torch.Tensor:
     """A padded batch row by row, each over its real tokens only (a flash kernel takes no mask); a padding
     query's output is its own value."""
     q_len, k_len = q.shape[2], k.shape[2]
@@ -310,15 +315,15 @@ def attend_rows(q, k, v, layout: PaddedLayout, scale: float) -> torch.Tensor:
             queries, keys = layout.query_valid[row], layout.key_valid[row]
         out[row, :, queries] = cpu_or_torch_flash(
             q[row : row + 1, :, queries], k[row : row + 1, :, keys], v[row : row + 1, :, keys],
-            causal=True, scale=scale,
+            causal=True, scale=scale, use_kernel=use_kernel,
         )[0]
     return out
 
 
-def cpu_or_torch_flash(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+def cpu_or_torch_flash(q, k, v, *, causal: bool, scale: float, use_kernel: bool = True) -> torch.Tensor:
     """A flash kernel with bottom-right causality and grouped-query attention: llavakit's CPU prefill kernel where
-    it applies (:func:`cpu_kernel`), else PyTorch's."""
-    kernel = cpu_kernel(q, k, v, None, causal)
+    it applies (:func:`cpu_kernel`) and ``use_kernel``, else PyTorch's."""
+    kernel = cpu_kernel(q, k, v, None, causal) if use_kernel else None
     if kernel is not None:
         return kernel.attention(q, k, v, causal=causal, scale=scale)
     causal = causal and q.shape[2] > 1  # a single (newest) query sees every key: nothing to mask

@@ -180,3 +180,21 @@ def torch_kernel_masked(q, k, v, mask, scale):
     group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                           attn_mask=mask, scale=scale)
+
+
+def test_the_kernel_can_be_switched_off_per_backend(monkeypatch):
+    """``use_cpu_kernel = False`` keeps PyTorch's kernels (no numba compilation), for unmasked and padded calls."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the kernel ran although switched off")
+
+    monkeypatch.setattr(attention_kernels, "attention", refuse)
+    q, k, v = inputs(2, 4, 2, 64, 64, 32, torch.float32)
+    mask = padded_mask([64, 40], 64)
+    for backend in (SdpaAttention(), FlashAttention()):
+        backend.use_cpu_kernel = False
+        out = backend.attend(q, k, v, mask=None, causal=True, scale=0.2)
+        assert (out - reference(q, k, v, True, 0.2)).abs().max() < 1e-5
+        padded = backend.attend(q, k, v, mask=mask, causal=False, scale=0.2)
+        assert (padded - torch_kernel_masked(q, k, v, mask, 0.2)).abs().max() < 1e-5
+    with pytest.raises(AssertionError, match="switched off"):
+        SdpaAttention().attend(q, k, v, mask=None, causal=True, scale=0.2)
