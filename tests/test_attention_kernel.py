@@ -28,7 +28,9 @@ SHAPES = {
 
 def inputs(batch, heads, kv_heads, q_len, k_len, head_dim, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, q_len, head_dim, generator=generator) * 2  # scores of a few units: a peaked softmax
+    # Queries as a projection leaves them ([B, L, H, D], seen as [B, H, L, D]); scores of a few units: a peaked
+    # softmax.
+    q = (torch.randn(batch, q_len, heads, head_dim, generator=generator) * 2).transpose(1, 2)
     k = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator)
     v = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator)
     return q.to(dtype), k.to(dtype), v.to(dtype)
