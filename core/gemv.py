@@ -746,8 +746,8 @@ def gemv_argmax(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tenso
     best = np.empty(x.shape[0], np.int64)
     block_upper, block_low = screen.scratch(x.shape[0])
     with kernel_threads():
-        _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, block_upper, block_low,
-                            best)
+        _screened_argmax_of(matrix, values, x.dtype == torch.bfloat16, screen.codes, screen.stats, block_upper,
+                            block_low, best)
     return torch.from_numpy(best)
 
 

@@ -78,7 +78,8 @@ class EagerAttention(AttentionBackend):
 def cpu_kernel(q, k, v, mask, causal):
     """llavakit's numba prefill kernel (:mod:`llavakit.plugins.attention_kernels`) where it computes this call,
     else ``None``. The cheap checks come first: the module imports numba, which plugin discovery must not wait for."""
-    if q.device.type != "cpu" or mask is not None or q.dtype not in CPU_KERNEL_DTYPES or q.shape[2] < CPU_KERNEL_MIN_QUERIES:
+    if (q.device.type != "cpu" or mask is not None or q.dtype not in CPU_KERNEL_DTYPES
+            or q.shape[2] < CPU_KERNEL_MIN_QUERIES):
         return None
     from llavakit.plugins import attention_kernels
 

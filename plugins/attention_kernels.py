@@ -38,7 +38,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, fma32, k
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "5805d67ea71d6fb3b1b7acde06f5bb6694739562e4c391c07bec1c03c38a5182"
+GEMV_SOURCE_SHA256 = "733c975d52f623e169bea036f81f8d03590186636f09aceee8e4b91fa89f3e49"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.
