@@ -23,6 +23,7 @@ SHAPES = {
     "after-cache": (1, 4, 1, 40, 133, 128, True),
     "odd-small": (3, 2, 1, 33, 35, 16, False),
     "long-causal": (1, 2, 1, 1000, 1000, 32, True),
+    "more-queries-than-keys": (1, 2, 2, 70, 40, 32, False),
 }
 
 
