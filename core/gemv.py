@@ -260,12 +260,10 @@ def float32_to_bits(typingctx, value):  # pragma: no cover - compiled
 
 
 @njit(inline="always", fastmath=True)
-def exp32(x):  # pragma: no cover - compiled
-    """``exp(x)`` in float32 to within 1 ulp (Cephes' expf: ``2^n exp(r)`` with ``|r| <= ln2 / 2``), as plain
-    arithmetic: unlike a call into libm it vectorises, which made a batch-8 decode step's SiLUs and softmaxes
-    (some 100k exponentials) 10x cheaper; the CPU attention kernel's softmaxes run on it too. Overflows to inf
-    above 88.72, underflows through the denormals to 0."""
-    n = np.floor(min(max(x, np.float32(-104.0)), np.float32(88.8)) * np.float32(1.44269504088896341) + np.float32(0.5))
+def exp_reduced(x, n):  # pragma: no cover - compiled
+    """``exp(x - n ln2)`` for the integer-valued float32 ``n`` nearest ``x / ln2``: Cephes' expf polynomial on
+    ``r = x - n ln2`` (``|r| <= ln2 / 2``), the part :func:`exp32` and the attention kernel's softmax share; each
+    scales it by ``2^n`` its own way."""
     # r = x - n ln2 in two exact steps; fused multiply-adds, which fast-math cannot fold into one rounded step.
     r = fma32(-n, np.float32(-2.12194440e-4), fma32(-n, np.float32(0.693359375), x))
     p = fma32(np.float32(1.9875691500e-4), r, np.float32(1.3981999507e-3))
@@ -273,7 +271,17 @@ def exp32(x):  # pragma: no cover - compiled
     p = fma32(p, r, np.float32(4.1665795894e-2))
     p = fma32(p, r, np.float32(1.6666665459e-1))
     p = fma32(p, r, np.float32(5.0000001201e-1))
-    y = fma32(p * r, r, r) + np.float32(1.0)
+    return fma32(p * r, r, r) + np.float32(1.0)
+
+
+@njit(inline="always", fastmath=True)
+def exp32(x):  # pragma: no cover - compiled
+    """``exp(x)`` in float32 to within 1 ulp (Cephes' expf: ``2^n exp(r)`` with ``|r| <= ln2 / 2``), as plain
+    arithmetic: unlike a call into libm it vectorises, which made a batch-8 decode step's SiLUs and softmaxes
+    (some 100k exponentials) 10x cheaper; the CPU attention kernel's softmaxes run on it too. Overflows to inf
+    above 88.72, underflows through the denormals to 0."""
+    n = np.floor(min(max(x, np.float32(-104.0)), np.float32(88.8)) * np.float32(1.44269504088896341) + np.float32(0.5))
+    y = exp_reduced(x, n)
     # 2^n as two powers of two of half its size each, so that n from -150 to 128 scales without overflow.
     k = np.int32(n)
     y = y * np.float32(2.0) if k > 127 else y

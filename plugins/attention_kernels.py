@@ -34,11 +34,11 @@ from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, fma32, kernel_threads, narrow
+from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, exp_reduced, fma32, kernel_threads, narrow
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "733c975d52f623e169bea036f81f8d03590186636f09aceee8e4b91fa89f3e49"
+GEMV_SOURCE_SHA256 = "94d54c69225397126ebc37c386efd3b33d9518ac0a4171e5cbfaf6e9a64298ad"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.
@@ -89,14 +89,8 @@ def _softmax_exp(x):  # pragma: no cover - compiled
     here: a 2372-token prefill takes 22 million of them per layer."""
     clamped = np.float32(-87.5) if x < np.float32(-87.5) else x
     n = np.floor(clamped * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = fma32(-n, np.float32(-2.12194440e-4), fma32(-n, np.float32(0.693359375), clamped))
-    p = fma32(np.float32(1.9875691500e-4), r, np.float32(1.3981999507e-3))
-    p = fma32(p, r, np.float32(8.3334519073e-3))
-    p = fma32(p, r, np.float32(4.1665795894e-2))
-    p = fma32(p, r, np.float32(1.6666665459e-1))
-    p = fma32(p, r, np.float32(5.0000001201e-1))
     scale = bits_to_float32(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))  # 2^n, n >= -126
-    y = (fma32(p * r, r, r) + np.float32(1.0)) * scale
+    y = exp_reduced(clamped, n) * scale
     return np.float32(0.0) if x < np.float32(-87.33654) else y
 
 

@@ -31,7 +31,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "733c975d52f623e169bea036f81f8d03590186636f09aceee8e4b91fa89f3e49"
+GEMV_SOURCE_SHA256 = "94d54c69225397126ebc37c386efd3b33d9518ac0a4171e5cbfaf6e9a64298ad"
 
 
 @njit(inline="always", fastmath=True)
