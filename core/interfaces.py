@@ -145,6 +145,7 @@ class LanguageModel(nn.Module, ABC):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        keep_last: int = 0,
     ) -> torch.Tensor:
         """Run the decoder over ``[B, L, D]`` embeddings and return final hidden states ``[B, L, D]``.
 
@@ -153,6 +154,9 @@ class LanguageModel(nn.Module, ABC):
         boolean ``[B, 1, L, K]`` mask (``True`` where a query may attend) used exactly as given, causality
         included: the form of packed training sequences whose parts must not see each other.
         With a ``kv_cache`` the new keys/values are appended to it and the cache is advanced by ``L``.
+        ``keep_last=n`` (``0 < n``) asks only for the last ``n`` positions' hidden states, ``[B, min(n, L), D]``
+        (generation's prefill needs one): the decoder may skip the work no kept position depends on, such as the
+        last layer's queries and MLP for the other positions. The cache still gets every position.
         """
 
     @abstractmethod

@@ -214,7 +214,8 @@ class LlavaNextModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, embeds.shape[1], past, input_ids.device)
         hidden = self.language_model(
-            embeds, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache
+            embeds, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+            keep_last=logits_to_keep,
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

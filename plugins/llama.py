@@ -122,16 +122,23 @@ class Attention(nn.Module):
         self.backend = backend
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, cos, sin, mask, causal, kv_cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, causal, kv_cache: KVCache | None, keep: int = 0):
+        """Attention output for every position, or with ``keep`` only for the last ``keep`` (queries and ``o_proj``
+        run on those rows alone; every position's keys and values still go to the cache)."""
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if keep:
+            x, cos, sin = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:]
+            mask = None if mask is None else mask[:, :, -keep:]
+            causal = causal and keep > 1  # still bottom-right aligned; one last query sees every key
+        q = self.q_proj(x).view(b, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         out = self.backend.attend(q, k, v, mask=mask, causal=causal, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -153,8 +160,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, causal, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache)
+    def forward(self, x, cos, sin, mask, causal, kv_cache, keep: int = 0):
+        """The layer's output for every position, or with ``keep`` for the last ``keep`` positions only."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache, keep)
+        x = (x[:, -keep:] if keep else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -419,15 +428,20 @@ class LlamaDecoder(LanguageModel):
         state.pop("_decode_weights", None)
         return state
 
-    def forward(self, inputs_embeds, *, position_ids, attention_mask=None, kv_cache=None):
+    def forward(self, inputs_embeds, *, position_ids, attention_mask=None, kv_cache=None, keep_last=0):
+        """See :meth:`LanguageModel.forward`. With ``keep_last`` the last layer runs its queries, attention output
+        and MLP for those positions only: a prefill that needs one position's logits skips nearly a whole layer
+        (the positions' keys and values, which the cache needs, come from the layer before)."""
         past = kv_cache.length if kv_cache is not None else 0
         x = inputs_embeds
+        length = x.shape[1]
         cos, sin = self.rotary(position_ids, x.dtype)
-        mask, causal = self._mask(attention_mask, x.shape[1], past, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, causal, kv_cache)
+        mask, causal = self._mask(attention_mask, length, past, x.device)
+        keep = keep_last if 0 < keep_last < length else 0
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, causal, kv_cache, keep if index == len(self.layers) - 1 else 0)
         if kv_cache is not None:
-            kv_cache.advance(x.shape[1])
+            kv_cache.advance(length)
         return self.norm(x)
 
     def logits(self, hidden):

@@ -364,3 +364,54 @@ def test_a_row_computed_alone_has_the_bits_of_the_full_product(dtype):
         alone = np.empty(300, np.float32)
         each_row(matrix, x.float().numpy(), dtype == torch.bfloat16, alone)
         assert torch.equal(torch.from_numpy(alone), gemv(matrix, x).float()[0])
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("case", ["causal", "left-padded", "sliding-window", "after-a-cache", "four-dimensional"])
+def test_keep_last_gives_the_last_hidden_states_and_the_whole_cache(case, keep):
+    """A prefill that wants the last positions only: the same hidden states and cache as the full forward, and the
+    last layer's MLP sees only those rows (the layer's queries, attention output and MLP are skipped for the rest)."""
+    llm = decoder(sliding_window=6 if case == "sliding-window" else None)
+    batch, length, past = 2, 12, 7 if case == "after-a-cache" else 0
+    generator = torch.Generator().manual_seed(keep)
+    embeds = llm.embed(torch.randint(0, 299, (batch, past + length), generator=generator))
+    positions = torch.arange(past + length)[None].expand(batch, -1)
+    mask = None
+    if case == "left-padded":
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, :5] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    elif case == "four-dimensional":  # two packed sequences of 5 and 7 tokens that must not see each other
+        segment = torch.tensor([0] * 5 + [1] * 7)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = (causal & (segment[:, None] == segment[None, :]))[None, None].expand(batch, -1, -1, -1)
+        positions = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(batch, -1)
+    rows_seen = []
+    hook = llm.layers[-1].mlp.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[1]))
+    results = []
+    with torch.inference_mode():
+        for keep_last in (0, keep):
+            cache = llm.new_kv_cache(batch, past + length)
+            if past:
+                llm(embeds[:, :past], position_ids=positions[:, :past], kv_cache=cache)
+            hidden = llm(embeds[:, past:], position_ids=positions[:, past:], attention_mask=mask, kv_cache=cache,
+                         keep_last=keep_last)
+            results.append((hidden, cache))
+    hook.remove()
+    (full, full_cache), (kept, kept_cache) = results
+    assert rows_seen == ([past] if past else []) + [length] + ([past] if past else []) + [keep]
+    assert kept.shape == (batch, keep, llm.hidden_size)
+    assert (kept - full[:, -keep:]).abs().max().item() < 1e-5
+    assert kept_cache.length == full_cache.length == past + length
+    for layer in range(llm.num_layers):
+        assert torch.equal(kept_cache.keys[layer], full_cache.keys[layer])
+        assert torch.equal(kept_cache.values[layer], full_cache.values[layer])
+
+
+def test_keep_last_beyond_the_length_keeps_every_position():
+    llm = decoder()
+    embeds = llm.embed(torch.randint(0, 299, (1, 5)))
+    with torch.inference_mode():
+        full = llm(embeds, position_ids=torch.arange(5)[None])
+        kept = llm(embeds, position_ids=torch.arange(5)[None], keep_last=9)
+    assert torch.equal(kept, full)
