@@ -16,8 +16,11 @@ from torch import nn
 
 from llavakit.core.attention import AttentionBackend
 from llavakit.core.hooks import hookimpl
+from llavakit.core.inplace import runs_in_place
 from llavakit.core.interfaces import SelectStrategy, VisionEncoder
 
+#: Inference forwards over at least this many tokens apply the activation in place (see :mod:`llavakit.core.inplace`).
+IN_PLACE_MIN_POSITIONS = 32
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -42,6 +45,12 @@ class ClipVitConfig(BaseModel):
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`quick_gelu` overwriting ``x``, with one temporary instead of three (the same operations, so the
+    same bits)."""
+    return x.mul_(torch.mul(x, 1.702).sigmoid_())
 
 
 class ClipEmbeddings(nn.Module):
@@ -87,7 +96,10 @@ class ClipMLP(nn.Module):
         self.act = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if self.act is quick_gelu and runs_in_place(x, self, IN_PLACE_MIN_POSITIONS):
+            return self.fc2(quick_gelu_(hidden))  # nothing else holds fc1's output: gate it where it lies
+        return self.fc2(self.act(hidden))
 
 
 class ClipBlock(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 from llavakit.core.attention import AttentionBackend
 from llavakit.core.errors import ConfigError
 from llavakit.core.hooks import hookimpl
+from llavakit.core.inplace import Workspace, runs_in_place
 from llavakit.core.interfaces import LanguageModel
 from llavakit.core.kv_cache import KVCache
 
@@ -30,6 +31,9 @@ from llavakit.core.kv_cache import KVCache
 #: Attention backends whose CPU decode steps may run as the fused numba layer: the built-in ones that compute
 #: plain softmax attention. ``eager`` stays the reference math, and a plugin's backend is never bypassed.
 FUSED_BACKENDS = frozenset({"sdpa", "flash"})
+#: CPU forwards over at least this many positions, with no gradient wanted, run the layers into reused buffers
+#: (:mod:`llavakit.core.inplace`); shorter ones allocate temporaries too small to cost page faults.
+IN_PLACE_MIN_POSITIONS = 32
 
 
 class LlamaConfig(BaseModel):
@@ -77,6 +81,19 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def normalise_into(self, x: torch.Tensor, work: Workspace, name: str) -> torch.Tensor:
+        """:meth:`forward` into ``work`` buffers: the same operations in the same order, so the same bits."""
+        dtype, shape = x.dtype, tuple(x.shape)
+        if self.weight.dtype != dtype:  # the scaling promotes: nothing to gain in place
+            return self.forward(x)
+        if dtype != torch.float32:
+            x = work("norm_float", shape, torch.float32).copy_(x)
+        squares = torch.pow(x, 2, out=work("norm_squares", shape, torch.float32))
+        scale = squares.mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        normed = torch.mul(x, scale, out=squares)
+        out = normed if dtype == torch.float32 else work(name, shape, dtype).copy_(normed)
+        return out.mul_(self.weight)
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotate-half RoPE, computed per call from the position ids (no length limit).
@@ -110,6 +127,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` written into ``out`` (``scratch`` holds the rotated half times ``sin``): the same
+    roundings, since ``(-a) * b`` is exactly ``-(a * b)``, without its five temporaries."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    torch.mul(x[..., half:], sin[..., :half], out=scratch[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[..., half:], out=scratch[..., half:])
+    return out.add_(scratch)
+
+
+def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for ``[B, L, C]`` ``x`` into the ``[B * L, N]`` buffer ``out`` (the product ``F.linear`` runs,
+    so the same bits), returned as ``[B, L, N]``."""
+    b, l, _ = x.shape
+    return torch.mm(x.reshape(b * l, -1), linear.weight.t(), out=out).view(b, l, -1)
+
+
+def heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, heads * D]`` as ``[B, heads, L, D]`` (a view, as the projections' outputs are used)."""
+    b, l, _ = x.shape
+    return x.view(b, l, heads, -1).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int, backend: AttentionBackend):
         super().__init__()
@@ -140,6 +181,30 @@ class Attention(nn.Module):
         out = self.backend.attend(q, k, v, mask=mask, causal=causal, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, x.shape[1], -1))
 
+    def forward_in_place(self, x, work: Workspace, cos, sin, mask, causal, kv_cache: KVCache | None, keep: int = 0):
+        """:meth:`forward` into ``work`` buffers (same results, bit for bit)."""
+        b, l, _ = x.shape
+        dtype, kv_width = x.dtype, self.num_kv_heads * self.head_dim
+        k = heads_view(linear_into(x, self.k_proj, work("k", (b * l, kv_width), dtype)), self.num_kv_heads)
+        v = heads_view(linear_into(x, self.v_proj, work("v", (b * l, kv_width), dtype)), self.num_kv_heads)
+        k_rotated = heads_view(work("k_rotated", (b, l, kv_width), dtype), self.num_kv_heads)
+        k_scratch = heads_view(work("k_scratch", (b, l, kv_width), dtype), self.num_kv_heads)
+        k = rotary_into(k, cos, sin, k_rotated, k_scratch)
+        if keep:
+            x, cos, sin = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:]
+            mask = None if mask is None else mask[:, :, -keep:]
+            causal = causal and keep > 1
+        lq, q_width = x.shape[1], self.num_heads * self.head_dim
+        q = heads_view(linear_into(x, self.q_proj, work("q", (b * lq, q_width), dtype)), self.num_heads)
+        q_rotated = heads_view(work("q_rotated", (b, lq, q_width), dtype), self.num_heads)
+        q_scratch = heads_view(work("q_scratch", (b, lq, q_width), dtype), self.num_heads)
+        q = rotary_into(q, cos, sin, q_rotated, q_scratch)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        out = self.backend.attend(q, k, v, mask=mask, causal=causal, scale=self.scale)
+        return linear_into(out.transpose(1, 2).reshape(b, lq, -1), self.o_proj,
+                           work("out", (b * lq, self.o_proj.out_features), dtype))
+
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -150,6 +215,14 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_in_place(self, x, work: Workspace):
+        """:meth:`forward` into ``work`` buffers (same results, bit for bit)."""
+        rows, width = x.shape[0] * x.shape[1], self.gate_proj.out_features
+        gate = linear_into(x, self.gate_proj, work("gate", (rows, width), x.dtype))
+        up = linear_into(x, self.up_proj, work("up", (rows, width), x.dtype))
+        hidden = F.silu(gate, inplace=True).mul_(up)
+        return linear_into(hidden, self.down_proj, work("out", (rows, self.down_proj.out_features), x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -165,6 +238,13 @@ class DecoderLayer(nn.Module):
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache, keep)
         x = (x[:, -keep:] if keep else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_in_place(self, x, work: Workspace, cos, sin, mask, causal, kv_cache, keep: int = 0):
+        """:meth:`forward` with ``x`` (a buffer of the caller's) updated in place and every temporary in ``work``."""
+        attended = self.self_attn.forward_in_place(self.input_layernorm.normalise_into(x, work, "normed"), work,
+                                                   cos, sin, mask, causal, kv_cache, keep)
+        x = (x[:, -keep:] if keep else x).add_(attended)
+        return x.add_(self.mlp.forward_in_place(self.post_attention_layernorm.normalise_into(x, work, "normed"), work))
 
 
 class LlamaDecoder(LanguageModel):
@@ -238,6 +318,9 @@ class LlamaDecoder(LanguageModel):
             allowed = allowed | (k_pos == q_pos)[None, None]
         return allowed, False
 
+    #: Whether long CPU forwards without gradients may run their layers into reused buffers
+    #: (see :meth:`runs_in_place`).
+    in_place: bool = True
     #: Whether single-token steps may use prepacked copies of the weights (CPU only; see :class:`DecodeWeights`).
     pack_decode_weights: bool = True
 
@@ -438,11 +521,24 @@ class LlamaDecoder(LanguageModel):
         cos, sin = self.rotary(position_ids, x.dtype)
         mask, causal = self._mask(attention_mask, length, past, x.device)
         keep = keep_last if 0 < keep_last < length else 0
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, causal, kv_cache, keep if index == len(self.layers) - 1 else 0)
+        last = len(self.layers) - 1
+        if self.runs_in_place(x):
+            work = Workspace(x.device)
+            x = work("residual", tuple(x.shape), x.dtype).copy_(x)
+            for index, layer in enumerate(self.layers):
+                x = layer.forward_in_place(x, work, cos, sin, mask, causal, kv_cache, keep if index == last else 0)
+        else:
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, mask, causal, kv_cache, keep if index == last else 0)
         if kv_cache is not None:
             kv_cache.advance(length)
         return self.norm(x)
+
+    def runs_in_place(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs its layers into a :class:`Workspace`: CPU inputs of at least
+        ``IN_PLACE_MIN_POSITIONS`` positions, no gradient wanted, no forward hook to call (the layers' in-place
+        methods call no submodule), and :attr:`in_place` left on."""
+        return self.in_place and runs_in_place(x, self.layers, IN_PLACE_MIN_POSITIONS)
 
     def logits(self, hidden):
         return self.lm_head(hidden)
