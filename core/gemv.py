@@ -1,5 +1,5 @@
-"""Matrix-vector products for decode steps (float32 and bfloat16 weights, a batch of up to a few rows), and
-the exact argmax of one, as parallel numba kernels.
+"""Matrix-vector products for decode steps (float32 and bfloat16 weights, a batch of up to a few rows), the
+exact argmax of one, and float32 products of many rows for prefills (:func:`matmul`), as parallel numba kernels.
 
 Why it exists: a decode step at batch 1 is a chain of matrix-vector products that do nothing but stream the
 weights from memory. On the 2-core Zen 4 machine this project measures on, MKL's packed GEMM reads them at
@@ -111,7 +111,7 @@ PREFETCH_BYTES = 16384
 PREFETCH_LOCALITY = 2
 
 
-def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: no cover - compiled
+def _emit_block_dots(context, builder, signature, args, rows_of_x, accumulate=False):  # pragma: no cover
     """LLVM IR storing ``lanes[i] = blocks[block] · xs[first + i]`` (16 rows' outputs) for ``i < rows_of_x``.
 
     ``blocks`` is a blocked matrix (:func:`blocked_layout`): each 64-byte load is one column (float32) or one
@@ -120,19 +120,29 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
     (:class:`ArgmaxScreen`) hold four columns per lane and meet four uint8 inputs in ``vpdpbusd``, summed
     exactly in int32 (products of at most 255 * 127: no overflow below 66,000 columns). No horizontal sums:
     lane ``r`` is row ``r``'s output. Per input, columns alternate between two accumulators, added at the end, so every
-    input (and any ``rows_of_x``) gets the same order: a row of a batch gets the bits it gets alone."""
+    input (and any ``rows_of_x``) gets the same order: a row of a batch gets the bits it gets alone.
+
+    With ``accumulate`` (:func:`_block_dots8_into`) the arguments carry a first column (``start``) before the count,
+    the sums start from the values in ``lanes`` instead of zero, and nothing is prefetched: a many-row product's
+    slice of columns, whose weights sit in L1."""
     i32, i64, byte = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
-    blocks_type, xs_type, lanes_type = signature.args[0], signature.args[2], signature.args[5]
+    if accumulate:
+        args, arg_types = list(args), list(signature.args)
+        start = context.cast(builder, args.pop(4), arg_types.pop(4), types.int64)
+    else:
+        arg_types, start = signature.args, ir.Constant(i64, 0)
+    blocks_type, xs_type, lanes_type = arg_types[0], arg_types[2], arg_types[5]
     blocks = context.make_array(blocks_type)(context, builder, args[0])
     inputs = context.make_array(xs_type)(context, builder, args[2])
     lanes = context.make_array(lanes_type)(context, builder, args[5])
-    block = context.cast(builder, args[1], signature.args[1], types.int64)
-    first = context.cast(builder, args[3], signature.args[3], types.int64)
-    count = context.cast(builder, args[4], signature.args[4], types.int64)
+    block = context.cast(builder, args[1], arg_types[1], types.int64)
+    first = context.cast(builder, args[3], arg_types[3], types.int64)
+    count = context.cast(builder, args[4], arg_types[4], types.int64)
     block_start = builder.gep(builder.bitcast(blocks.data, byte),
-                              [builder.mul(block, builder.extract_value(blocks.strides, 0))])
+                              [builder.add(builder.mul(block, builder.extract_value(blocks.strides, 0)),
+                                           builder.mul(start, ir.Constant(i64, 64)))])
     x_stride = builder.extract_value(inputs.strides, 0)
-    x_base = builder.bitcast(inputs.data, byte)
+    x_base = builder.gep(builder.bitcast(inputs.data, byte), [builder.mul(start, ir.Constant(i64, 4))])
     x_starts = [builder.gep(x_base, [builder.mul(builder.add(first, ir.Constant(i64, i)), x_stride)])
                 for i in range(rows_of_x)]
     accumulator = _LANES
@@ -155,7 +165,7 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
 
     def step(accumulators, column):
         address = builder.gep(block_start, [builder.mul(column, ir.Constant(i64, 64))])
-        if rows_of_x > 1:  # a batch: the weights are asked for ahead, into L2 (see PREFETCH_BYTES)
+        if rows_of_x > 1 and not accumulate:  # a batch: weights asked for ahead, into L2 (see PREFETCH_BYTES)
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]), "llvm.prefetch.p0")
             builder.call(prefetch, [builder.gep(address, [ir.Constant(i64, PREFETCH_BYTES)]), ir.Constant(i32, 0),
@@ -171,6 +181,11 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
         return out
 
     zero = ir.Constant(accumulator, [0 if accumulator is _INT_LANES else 0.0] * 16)
+    lanes_start = builder.bitcast(lanes.data, byte)
+    lanes_stride = builder.extract_value(lanes.strides, 0)
+    lane_rows = [builder.bitcast(builder.gep(lanes_start, [builder.mul(ir.Constant(i64, i), lanes_stride)]),
+                                 accumulator.as_pointer()) for i in range(rows_of_x)]
+    initial = [builder.load(row, align=4) for row in lane_rows] if accumulate else [zero] * rows_of_x
     entry = builder.block
     head, body, tail, last, done = (builder.append_basic_block(f"blockdot.{name}")
                                     for name in ("head", "body", "tail", "last", "done"))
@@ -180,8 +195,8 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
     firsts = [builder.phi(accumulator) for _ in x_starts]
     seconds = [builder.phi(accumulator) for _ in x_starts]
     column.add_incoming(ir.Constant(i64, 0), entry)
-    for phi in firsts + seconds:
-        phi.add_incoming(zero, entry)
+    for phi, value in zip(firsts + seconds, initial + [zero] * rows_of_x):
+        phi.add_incoming(value, entry)
     builder.cbranch(builder.icmp_signed("<", builder.add(column, ir.Constant(i64, 1)), count), body, tail)
     builder.position_at_end(body)
     firsts_next = step(firsts, column)
@@ -200,12 +215,9 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x):  # pragma: n
     for total, first_acc, first_last in zip(totals, firsts, firsts_last):
         total.add_incoming(first_acc, tail)
         total.add_incoming(first_last, last)
-    lanes_start = builder.bitcast(lanes.data, byte)
-    lanes_stride = builder.extract_value(lanes.strides, 0)
-    for i, (total, second) in enumerate(zip(totals, seconds)):
-        address = builder.gep(lanes_start, [builder.mul(ir.Constant(i64, i), lanes_stride)])
+    for row, total, second in zip(lane_rows, totals, seconds):
         total = builder.add(total, second) if accumulator is _INT_LANES else builder.fadd(total, second)
-        builder.store(total, builder.bitcast(address, accumulator.as_pointer()), align=4)
+        builder.store(total, row, align=4)
     return context.get_dummy_value()
 
 
@@ -225,6 +237,15 @@ def _block_dots8(typingctx, blocks, block, xs, first, columns, lanes):  # pragma
         return _emit_block_dots(context, builder, signature, args, GROUP)
 
     return types.none(blocks, block, xs, first, columns, lanes), codegen
+
+
+@intrinsic
+def _block_dots8_into(typingctx, blocks, block, xs, first, start, columns, lanes):  # pragma: no cover - compiled
+    """``lanes[i] += blocks[block][start:start + columns] · xs[first + i][start:start + columns]`` for 8 inputs."""
+    def codegen(context, builder, signature, args):
+        return _emit_block_dots(context, builder, signature, args, GROUP, accumulate=True)
+
+    return types.none(blocks, block, xs, first, start, columns, lanes), codegen
 
 
 @intrinsic
@@ -741,6 +762,81 @@ def gemv(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor) -> t
     with kernel_threads():
         _gemv(matrix, values.numpy(), out.numpy())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------ products of many rows (prefill)
+# A prefill multiplies thousands of rows by each matrix. The blocked float32 weights of the decode steps serve it
+# too, with the loops above and one change: the columns are taken in slices. A work item is a panel of
+# PANEL_ROWS input rows; for each slice of PANEL_COLUMNS columns it runs every 16-row block of weights over the
+# panel, 8 rows at a time, adding into the output. The panel's slice of inputs (32 KB) and one block's slice of
+# weights (16 KB) then stay in the core's caches while each weight line is used 8 times and each input 16
+# times. Measured on 2 Zen 4 cores, the benchmark model's prefill shapes (2376 rows, 512 or 1408 columns) ran at
+# 175-210 GFLOP/s against 113-160 for MKL's sgemm through torch (the FMA peak is 224). bf16 gained nothing
+# over oneDNN (380-400 GFLOP/s both), so only float32 takes this path.
+
+#: Input rows of one parallel work item of :func:`matmul`.
+PANEL_ROWS = 32
+#: Columns (64-byte lines of weights) summed per pass over a panel.
+PANEL_COLUMNS = 256
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul(blocks, xs, out):  # pragma: no cover - compiled
+    rows, width = xs.shape
+    outputs = out.shape[1]
+    for panel in prange((rows + PANEL_ROWS - 1) // PANEL_ROWS):
+        top = panel * PANEL_ROWS
+        count = min(PANEL_ROWS, rows - top)
+        full = count // GROUP * GROUP
+        out[top:top + count] = 0
+        lanes = np.empty((GROUP, BLOCK_ROWS), np.float32)
+        tail = np.zeros((GROUP if count > full else 0, width), np.float32)  # the last rows, padded to a group
+        for i in range(count - full):
+            tail[i] = xs[top + full + i]
+        for start in range(0, width, PANEL_COLUMNS):
+            columns = min(PANEL_COLUMNS, width - start)
+            for block in range(blocks.shape[0]):
+                left = block * BLOCK_ROWS
+                valid = min(BLOCK_ROWS, outputs - left)
+                for first in range(0, count, GROUP):
+                    group = min(GROUP, count - first)
+                    if group == GROUP and valid == BLOCK_ROWS:
+                        _block_dots8_into(blocks, block, xs, top + first, start, columns,
+                                          out[top + first:top + first + GROUP, left:left + BLOCK_ROWS])
+                        continue
+                    for i in range(group):  # a partial group or block: through the scratch lanes
+                        for j in range(valid):
+                            lanes[i, j] = out[top + first + i, left + j]
+                    if group == GROUP:
+                        _block_dots8_into(blocks, block, xs, top + first, start, columns, lanes)
+                    else:
+                        _block_dots8_into(blocks, block, tail, 0, start, columns, lanes)
+                    for i in range(group):
+                        for j in range(valid):
+                            out[top + first + i, left + j] = lanes[i, j]
+
+
+def matmul(matrix: tuple[np.ndarray, int, int], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for many float32 rows ``x`` (``[..., K]``) and a float32 ``weight``'s
+    :func:`blocked_layout`, as ``[rows, N]``, into ``out`` when given (float32, rows contiguous). Sums run in
+    float32 in another order than the BLAS libraries' (results agree to rounding). See the section above."""
+    blocks, rows, columns = matrix
+    if blocks.dtype != np.float32 or x.dtype != torch.float32:
+        raise TypeError(f"matmul multiplies float32 inputs by blocked float32 weights, got {x.dtype} and "
+                        f"{blocks.dtype}")
+    if x.shape[-1] != columns:
+        raise ValueError(f"inputs of width {x.shape[-1]} against a weight of {columns} columns")
+    values = x.reshape(-1, columns)
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    if out is None:
+        out = torch.empty((values.shape[0], rows), dtype=torch.float32)
+    elif out.shape != (values.shape[0], rows) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be float32 [{values.shape[0]}, {rows}] with contiguous rows, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    with kernel_threads():
+        _matmul(blocks, values.numpy(), out.numpy())
+    return out
 
 
 def gemv_argmax(matrix: np.ndarray | tuple[np.ndarray, int, int], x: torch.Tensor,

@@ -184,6 +184,39 @@ def test_numba_gemv_matches_f_linear(rows, inner, layout):
     assert torch.equal(gemv(matrix, x), torch.cat([gemv(matrix, row[None]) for row in x]))
 
 
+@pytest.mark.parametrize("rows, inner, outputs", [(1, 5, 3), (7, 33, 17), (37, 300, 40), (45, 600, 33),
+                                                  (96, 64, 48)])
+def test_numba_matmul_matches_a_float64_product(rows, inner, outputs):
+    """The many-row kernel of prefills: partial groups of 8 rows, partial blocks of 16 outputs, several column
+    slices (PANEL_COLUMNS) and inputs whose rows are strided all give the product to float32 rounding."""
+    from llavakit.core.gemv import as_matrix, blocked_layout, matmul
+
+    generator = torch.Generator().manual_seed(rows + inner)
+    weight = torch.randn(outputs, inner, generator=generator, dtype=torch.float64)
+    wide = torch.randn(rows, inner + 3, generator=generator, dtype=torch.float64)
+    x = wide[:, 2:2 + inner]  # rows two elements apart from their neighbours' ends
+    exact = x @ weight.T
+    scale = x.abs() @ weight.abs().T  # a float32 sum of products errs by at most inner * 2**-24 * this
+    matrix = blocked_layout(as_matrix(weight.float()))
+    out = matmul(matrix, x.float())
+    assert out.shape == (rows, outputs) and out.dtype == torch.float32
+    assert bool(((out.double() - exact).abs() <= inner * 2.0**-24 * scale + 1e-30).all())
+    into = torch.full((rows, outputs), float("nan"))
+    assert matmul(matrix, x.float(), into) is into and torch.equal(into, out)
+
+
+def test_numba_matmul_refuses_what_it_cannot_multiply():
+    from llavakit.core.gemv import as_matrix, blocked_layout, matmul
+
+    matrix = blocked_layout(as_matrix(torch.randn(16, 8)))
+    with pytest.raises(TypeError, match="float32"):
+        matmul(matrix, torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="width 9"):
+        matmul(matrix, torch.randn(4, 9))
+    with pytest.raises(ValueError, match=r"out must be float32 \[4, 16\]"):
+        matmul(matrix, torch.randn(4, 8), torch.empty(4, 15))
+
+
 def test_the_fused_kernels_cache_follows_the_gemv_source():
     """numba keys the disk cache of a kernel on its own file's contents only; the fused layer inlines
     :mod:`llavakit.core.gemv`'s loops, so its file records that file's hash and must be updated with it."""

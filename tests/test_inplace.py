@@ -17,6 +17,8 @@ LENGTH = 40  # over IN_PLACE_MIN_POSITIONS
 
 
 def run_both(llm, embeds, positions, mask, keep):
+    """The plain and the in-place forward (with torch's products: the numba ones are tested below)."""
+    llm.pack_decode_weights = False
     results = []
     for in_place in (False, True):
         llm.in_place = in_place
@@ -121,3 +123,43 @@ def test_the_vision_mlp_gates_in_place_with_the_same_bits(dtype, monkeypatch):
     (fc1_input, fc1_output), = kept
     with torch.inference_mode():
         assert torch.equal(fc1_output, tower.encoder.layers[0].mlp.fc1(fc1_input))
+
+
+@pytest.mark.parametrize("case", ["causal", "left-padded"])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_a_float32_prefill_runs_its_products_on_the_decode_steps_packed_weights(case, keep):
+    """With a cache (a generation's prefill), float32 products go through the numba many-row kernel on the weights
+    the decode steps pack anyway: equal to the plain path to rounding; a plain forward never packs for itself."""
+    llm = decoder(torch.float32)
+    batch = 3
+    embeds = llm.embed(torch.randint(0, 299, (batch, LENGTH), generator=torch.Generator().manual_seed(5)))
+    positions, mask = torch.arange(LENGTH)[None].expand(batch, -1), None
+    if case == "left-padded":
+        mask = torch.ones(batch, LENGTH, dtype=torch.long)
+        mask[1, :9] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        llm.pack_decode_weights = False
+        plain_cache = llm.new_kv_cache(batch, LENGTH)
+        plain = llm(embeds, position_ids=positions, attention_mask=mask, kv_cache=plain_cache, keep_last=keep)
+        llm.pack_decode_weights = True
+        llm(embeds, position_ids=positions, attention_mask=mask)  # no cache: no packing
+        assert getattr(llm, "_decode_weights", None) is None
+        cache = llm.new_kv_cache(batch, LENGTH)
+        products = llm.prefill_products(embeds, cache)
+        if not llama_plugin._has_numba():
+            pytest.skip("numba is not installed: prefills keep torch's products")
+        assert products is not None and products[0][0].packing == "numba"
+        fast = llm(embeds, position_ids=positions, attention_mask=mask, kv_cache=cache, keep_last=keep)
+    assert not torch.equal(fast, plain)  # another summation order: the kernel really ran
+    assert (fast - plain).abs().max().item() < 1e-5
+    for layer in range(llm.num_layers):
+        assert (cache.keys[layer] - plain_cache.keys[layer]).abs().max().item() < 1e-5
+        assert (cache.values[layer] - plain_cache.values[layer]).abs().max().item() < 1e-5
+
+
+def test_bf16_prefills_keep_torch_products():
+    llm = decoder(torch.bfloat16)
+    with torch.inference_mode():
+        embeds = llm.embed(torch.randint(0, 299, (1, LENGTH)))
+        assert llm.prefill_products(embeds, llm.new_kv_cache(1, LENGTH)) is None
