@@ -781,14 +781,18 @@ PANEL_COLUMNS = 256
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matmul(blocks, xs, out):  # pragma: no cover - compiled
+def _matmul(blocks, xs, out, bias):  # pragma: no cover - compiled
     rows, width = xs.shape
     outputs = out.shape[1]
     for panel in prange((rows + PANEL_ROWS - 1) // PANEL_ROWS):
         top = panel * PANEL_ROWS
         count = min(PANEL_ROWS, rows - top)
         full = count // GROUP * GROUP
-        out[top:top + count] = 0
+        for i in range(count):  # the sums start from the bias (empty: none)
+            if bias.shape[0]:
+                out[top + i] = bias
+            else:
+                out[top + i] = 0
         lanes = np.empty((GROUP, BLOCK_ROWS), np.float32)
         tail = np.zeros((GROUP if count > full else 0, width), np.float32)  # the last rows, padded to a group
         for i in range(count - full):
@@ -816,8 +820,9 @@ def _matmul(blocks, xs, out):  # pragma: no cover - compiled
                             out[top + first + i, left + j] = lanes[i, j]
 
 
-def matmul(matrix: tuple[np.ndarray, int, int], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T`` for many float32 rows ``x`` (``[..., K]``) and a float32 ``weight``'s
+def matmul(matrix: tuple[np.ndarray, int, int], x: torch.Tensor, out: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for many float32 rows ``x`` (``[..., K]``) and a float32 ``weight``'s
     :func:`blocked_layout`, as ``[rows, N]``, into ``out`` when given (float32, rows contiguous). Sums run in
     float32 in another order than the BLAS libraries' (results agree to rounding). See the section above."""
     blocks, rows, columns = matrix
@@ -834,8 +839,14 @@ def matmul(matrix: tuple[np.ndarray, int, int], x: torch.Tensor, out: torch.Tens
     elif out.shape != (values.shape[0], rows) or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"out must be float32 [{values.shape[0]}, {rows}] with contiguous rows, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if bias is None:
+        start = np.zeros(0, np.float32)
+    elif bias.shape != (rows,) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be float32 [{rows}], got {bias.dtype} {tuple(bias.shape)}")
+    else:
+        start = bias.detach().contiguous().numpy()
     with kernel_threads():
-        _matmul(blocks, values.numpy(), out.numpy())
+        _matmul(blocks, values.numpy(), out.numpy(), start)
     return out
 
 

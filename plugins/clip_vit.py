@@ -16,7 +16,7 @@ from torch import nn
 
 from llavakit.core.attention import AttentionBackend
 from llavakit.core.hooks import hookimpl
-from llavakit.core.inplace import runs_in_place
+from llavakit.core.inplace import kernel_products, linear_rows, runs_in_place
 from llavakit.core.interfaces import SelectStrategy, VisionEncoder
 
 #: Inference forwards over at least this many tokens apply the activation in place (see :mod:`llavakit.core.inplace`).
@@ -78,14 +78,17 @@ class ClipAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+        """``kernel``: run the products on llavakit's many-row kernel (see :func:`kernel_products`)."""
         b, l, _ = x.shape
+        projections = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (
-            proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
+            y.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+            for y in (linear_rows(x, projections) if kernel else (proj(x) for proj in projections))
         )
         out = self.backend.attend(q, k, v, mask=None, causal=False, scale=self.head_dim**-0.5)
-        return self.out_proj(out.transpose(1, 2).reshape(b, l, -1))
+        out = out.transpose(1, 2).reshape(b, l, -1)
+        return linear_rows(out, (self.out_proj,))[0] if kernel else self.out_proj(out)
 
 
 class ClipMLP(nn.Module):
@@ -95,11 +98,14 @@ class ClipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
 
-    def forward(self, x):
-        hidden = self.fc1(x)
+    def forward(self, x, kernel: bool = False):
+        """``kernel``: run the products on llavakit's many-row kernel (see :func:`kernel_products`)."""
+        hidden = linear_rows(x, (self.fc1,))[0] if kernel else self.fc1(x)
         if self.act is quick_gelu and runs_in_place(x, self, IN_PLACE_MIN_POSITIONS):
-            return self.fc2(quick_gelu_(hidden))  # nothing else holds fc1's output: gate it where it lies
-        return self.fc2(self.act(hidden))
+            hidden = quick_gelu_(hidden)  # nothing else holds fc1's output: gate it where it lies
+        else:
+            hidden = self.act(hidden)
+        return linear_rows(hidden, (self.fc2,))[0] if kernel else self.fc2(hidden)
 
 
 class ClipBlock(nn.Module):
@@ -110,9 +116,9 @@ class ClipBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ClipMLP(config)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x, kernel: bool = False):
+        x = x + self.self_attn(self.layer_norm1(x), kernel)
+        return x + self.mlp(self.layer_norm2(x), kernel)
 
 
 class ClipEncoder(nn.Module):
@@ -156,8 +162,9 @@ class ClipVisionTower(VisionEncoder):
     def forward(self, pixel_values, *, feature_layer: int = -2, strategy: SelectStrategy = "default"):
         blocks_to_run = self.feature_index(feature_layer)
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        kernel = kernel_products(x, self, IN_PLACE_MIN_POSITIONS)
         for block in self.encoder.layers[:blocks_to_run]:
-            x = block(x)
+            x = block(x, kernel)
         return self.select(x, strategy)
 
 

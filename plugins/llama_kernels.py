@@ -31,7 +31,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "a82e574d19843b9de44b4a3ba07346cd0e364b2aef0bce940c02af8d2fe0ed8f"
+GEMV_SOURCE_SHA256 = "1d99c9100e1b96d68e27fe0c2479515cf7e877895a9f67c36ed234b633c6343e"
 
 
 @njit(inline="always", fastmath=True)

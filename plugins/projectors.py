@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from llavakit.core.hooks import hookimpl
+from llavakit.core.inplace import kernel_products, linear_rows
 from llavakit.core.interfaces import Projector
+
+#: Tokens per image tile from which float32 products without gradients run on the many-row kernel.
+KERNEL_MIN_POSITIONS = 32
 
 
 class MlpProjectorConfig(BaseModel):
@@ -44,9 +48,12 @@ class MlpProjector(Projector):
             getattr(self, f"linear_{index + 1}").reset_parameters()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.linear_1(features)
+        # Many float32 rows without gradients: the products on llavakit's many-row kernel (see kernel_products).
+        kernel = features.dim() == 3 and kernel_products(features, self, KERNEL_MIN_POSITIONS)
+        apply = (lambda linear, x: linear_rows(x, (linear,))[0]) if kernel else (lambda linear, x: linear(x))
+        x = apply(self.linear_1, features)
         for index in range(2, self.depth + 1):
-            x = getattr(self, f"linear_{index}")(F.gelu(x))
+            x = apply(getattr(self, f"linear_{index}"), F.gelu(x))
         return x
 
 

@@ -203,6 +203,10 @@ def test_numba_matmul_matches_a_float64_product(rows, inner, outputs):
     assert bool(((out.double() - exact).abs() <= inner * 2.0**-24 * scale + 1e-30).all())
     into = torch.full((rows, outputs), float("nan"))
     assert matmul(matrix, x.float(), into) is into and torch.equal(into, out)
+    bias = torch.randn(outputs, generator=generator)
+    with_bias = matmul(matrix, x.float(), bias=bias)
+    assert bool(((with_bias.double() - exact - bias.double()).abs()
+                 <= (inner + 1) * 2.0**-24 * (scale + bias.double().abs()) + 1e-30).all())
 
 
 def test_numba_matmul_refuses_what_it_cannot_multiply():
@@ -215,6 +219,8 @@ def test_numba_matmul_refuses_what_it_cannot_multiply():
         matmul(matrix, torch.randn(4, 9))
     with pytest.raises(ValueError, match=r"out must be float32 \[4, 16\]"):
         matmul(matrix, torch.randn(4, 8), torch.empty(4, 15))
+    with pytest.raises(ValueError, match=r"bias must be float32 \[16\]"):
+        matmul(matrix, torch.randn(4, 8), bias=torch.randn(15))
 
 
 def test_the_fused_kernels_cache_follows_the_gemv_source():
