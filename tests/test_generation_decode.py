@@ -454,3 +454,24 @@ def test_keep_last_beyond_the_length_keeps_every_position():
         full = llm(embeds, position_ids=torch.arange(5)[None])
         kept = llm(embeds, position_ids=torch.arange(5)[None], keep_last=9)
     assert torch.equal(kept, full)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flash"])
+def test_keep_last_with_every_backend_on_a_left_padded_batch(backend):
+    """The kept rows' queries meet the sliced padding mask (``flash`` reads it as causal attention over real
+    tokens; ``sdpa`` and ``eager`` use it as given): each backend gives the full forward's last rows."""
+    model = build_model("clip-vit", "llama", attention=backend, vision_options=VISION, llm_options=LLM,
+                        image_token_index=299, seed=0)
+    llm = model.language_model
+    batch, length = 2, 40
+    embeds = llm.embed(torch.randint(0, 299, (batch, length), generator=torch.Generator().manual_seed(3)))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = llm(embeds, position_ids=positions, attention_mask=mask, kv_cache=llm.new_kv_cache(batch, length))
+        for keep in (1, 3):
+            kept = llm(embeds, position_ids=positions, attention_mask=mask, kv_cache=llm.new_kv_cache(batch, length),
+                       keep_last=keep)
+            assert kept.shape == (batch, keep, llm.hidden_size)
+            assert (kept - full[:, -keep:]).abs().max().item() < 1e-5
