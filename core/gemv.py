@@ -248,6 +248,159 @@ def _block_dots8_into(typingctx, blocks, block, xs, first, start, columns, lanes
     return types.none(blocks, block, xs, first, start, columns, lanes), codegen
 
 
+def _reduce_lanes16(builder, vectors):  # pragma: no cover - compiled
+    """Sixteen 16-lane float32 vectors to one whose lane ``j`` is the sum of vector ``j``'s lanes: four levels of
+    pairwise shuffles and adds (30 shuffles, 15 adds, where sixteen separate reductions take 64 of each), then
+    the one shuffle that undoes the levels' bit-reversed order."""
+    i32 = ir.IntType(32)
+    for width in (8, 4, 2, 1):
+        low, high = [], []
+        for g in range(0, 16 // width, 2):
+            low += [g * width + i for i in range(width)] + [16 + g * width + i for i in range(width)]
+            high += [(g + 1) * width + i for i in range(width)] + [16 + (g + 1) * width + i for i in range(width)]
+        vectors = [builder.fadd(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 16), low)),
+                                builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 16), high)))
+                   for a, b in zip(vectors[0::2], vectors[1::2])]
+    (total,) = vectors
+    order = [int(f"{lane:04b}"[::-1], 2) for lane in range(16)]
+    return builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, 16), order))
+
+
+@intrinsic
+def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - compiled
+    """``out[j] = keys[first + j] · query`` for ``j < 16`` (float32 sums): sixteen cached keys (rows of ``keys``,
+    float32, or bf16 words with ``query`` as bf16 words too) against one query, their row width a multiple of 64
+    bytes. Each key row meets the query 64 bytes at a time in one FMA or ``vdpbf16ps`` into its own 16 lanes,
+    and :func:`_reduce_lanes16` sums all sixteen at once: a decode step's attention scores over a long cache,
+    where one key at a time spent most of its instructions on horizontal sums."""
+    def codegen(context, builder, signature, args):
+        i64, byte = ir.IntType(64), ir.IntType(8).as_pointer()
+        keys_type, query_type, out_type = signature.args[0], signature.args[2], signature.args[3]
+        key_rows = context.make_array(keys_type)(context, builder, args[0])
+        query_array = context.make_array(query_type)(context, builder, args[2])
+        out_array = context.make_array(out_type)(context, builder, args[3])
+        first_row = context.cast(builder, args[1], signature.args[1], types.int64)
+        row_stride = builder.extract_value(key_rows.strides, 0)
+        row_bytes = builder.mul(builder.extract_value(key_rows.shape, 1), ir.Constant(i64, keys_type.dtype.bitwidth // 8))
+        chunks = builder.udiv(row_bytes, ir.Constant(i64, 64))
+        base = builder.gep(builder.bitcast(key_rows.data, byte), [builder.mul(first_row, row_stride)])
+        query_base = builder.bitcast(query_array.data, byte)
+        if keys_type.dtype == types.uint16:
+            vector_type = _WORDS
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
+                                                 "llvm.x86.avx512bf16.dpbf16ps.512")
+            multiply_add = lambda acc, k, q: builder.call(dot, [acc, k, q])  # noqa: E731
+        else:
+            vector_type = _LANES
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3),
+                                                 "llvm.fma.v16f32")
+            multiply_add = lambda acc, k, q: builder.call(fma, [k, q, acc])  # noqa: E731
+        zero = ir.Constant(_LANES, [0.0] * 16)
+        entry = builder.block
+        head, body, done = (builder.append_basic_block(f"keyscores.{name}") for name in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        chunk = builder.phi(i64)
+        accumulators = [builder.phi(_LANES) for _ in range(16)]
+        chunk.add_incoming(ir.Constant(i64, 0), entry)
+        for phi in accumulators:
+            phi.add_incoming(zero, entry)
+        builder.cbranch(builder.icmp_signed("<", chunk, chunks), body, done)
+        builder.position_at_end(body)
+        offset = builder.mul(chunk, ir.Constant(i64, 64))
+        q = builder.load(builder.bitcast(builder.gep(query_base, [offset]), vector_type.as_pointer()), align=4)
+        updated = []
+        for j, acc in enumerate(accumulators):
+            row = builder.gep(base, [builder.add(builder.mul(ir.Constant(i64, j), row_stride), offset)])
+            k = builder.load(builder.bitcast(row, vector_type.as_pointer()), align=4)
+            updated.append(multiply_add(acc, k, q))
+        chunk.add_incoming(builder.add(chunk, ir.Constant(i64, 1)), body)
+        for phi, value in zip(accumulators, updated):
+            phi.add_incoming(value, body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        scores = _reduce_lanes16(builder, accumulators)
+        builder.store(scores, builder.bitcast(out_array.data, _LANES.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(keys, first, query, out), codegen
+
+
+@intrinsic
+def weighted_value_sums(typingctx, values, first, weights, pairs, out):  # pragma: no cover - compiled
+    """``out[d] += sum over t < 2 * pairs of weights[t] * values[first + t, d]`` for bf16 words ``values`` (rows a
+    multiple of 64 values wide) and ``weights``, ``out`` float32: a decode step's attention output over a long
+    cache. Two rows' 32-value slices are interleaved by one shuffle each into (row t, row t + 1) pairs, which meet
+    the pair of weights, broadcast, in one ``vdpbf16ps`` (two exact products into each of 16 float32 lanes): a
+    quarter of the instructions of widening every value to float32 for its own FMA."""
+    def codegen(context, builder, signature, args):
+        i32, i64, byte = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        values_type, weights_type, out_type = signature.args[0], signature.args[2], signature.args[4]
+        rows = context.make_array(values_type)(context, builder, args[0])
+        weight_array = context.make_array(weights_type)(context, builder, args[2])
+        out_array = context.make_array(out_type)(context, builder, args[4])
+        first_row = context.cast(builder, args[1], signature.args[1], types.int64)
+        count = context.cast(builder, args[3], signature.args[3], types.int64)
+        row_stride = builder.extract_value(rows.strides, 0)
+        groups = builder.udiv(builder.extract_value(rows.shape, 1), ir.Constant(i64, 64))
+        base = builder.gep(builder.bitcast(rows.data, byte), [builder.mul(first_row, row_stride)])
+        weight_base = builder.bitcast(weight_array.data, byte)
+        out_base = builder.bitcast(out_array.data, byte)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
+                                             "llvm.x86.avx512bf16.dpbf16ps.512")
+        splat_type = ir.VectorType(i32, 16)
+        interleave = [[half * 16 + i + 32 * side for i in range(16) for side in (0, 1)] for half in (0, 1)]
+        zero = ir.Constant(_LANES, [0.0] * 16)
+        entry = builder.block
+        outer, inner_head, inner_body, inner_done, done = (
+            builder.append_basic_block(f"valuesums.{name}") for name in ("outer", "head", "body", "store", "done"))
+        builder.branch(outer)
+        builder.position_at_end(outer)  # one group of 64 values (128 bytes of a row) at a time
+        group = builder.phi(i64)
+        group.add_incoming(ir.Constant(i64, 0), entry)
+        builder.cbranch(builder.icmp_signed("<", group, groups), inner_head, done)
+        builder.position_at_end(inner_head)
+        pair = builder.phi(i64)
+        accumulators = [builder.phi(_LANES) for _ in range(4)]
+        pair.add_incoming(ir.Constant(i64, 0), outer)
+        for phi in accumulators:
+            phi.add_incoming(zero, outer)
+        builder.cbranch(builder.icmp_signed("<", pair, count), inner_body, inner_done)
+        builder.position_at_end(inner_body)
+        row = builder.gep(base, [builder.add(builder.mul(builder.mul(pair, ir.Constant(i64, 2)), row_stride),
+                                             builder.mul(group, ir.Constant(i64, 128)))])
+        following = builder.gep(row, [row_stride])
+        weight_pair = builder.load(builder.bitcast(builder.gep(weight_base, [builder.mul(pair, ir.Constant(i64, 4))]),
+                                                   i32.as_pointer()), align=2)
+        splat = builder.insert_element(ir.Constant(splat_type, None), weight_pair, ir.Constant(i32, 0))
+        splat = builder.bitcast(builder.shuffle_vector(splat, splat, ir.Constant(splat_type, [0] * 16)), _WORDS)
+        updated = []
+        for line in (0, 1):
+            a = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 64 * line)]), _WORDS.as_pointer()),
+                             align=2)
+            b = builder.load(builder.bitcast(builder.gep(following, [ir.Constant(i64, 64 * line)]),
+                                             _WORDS.as_pointer()), align=2)
+            for half in (0, 1):
+                pairs_of_rows = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 32), interleave[half]))
+                updated.append(builder.call(dot, [accumulators[2 * line + half], pairs_of_rows, splat]))
+        pair.add_incoming(builder.add(pair, ir.Constant(i64, 1)), inner_body)
+        for phi, value in zip(accumulators, updated):
+            phi.add_incoming(value, inner_body)
+        builder.branch(inner_head)
+        builder.position_at_end(inner_done)  # add the 64 sums into out[group * 64 …]
+        for index, acc in enumerate(accumulators):
+            address = builder.bitcast(builder.gep(out_base, [builder.add(builder.mul(group, ir.Constant(i64, 256)),
+                                                                          ir.Constant(i64, 64 * index))]),
+                                      _LANES.as_pointer())
+            builder.store(builder.fadd(builder.load(address, align=4), acc), address, align=4)
+        group.add_incoming(builder.add(group, ir.Constant(i64, 1)), inner_done)
+        builder.branch(outer)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.none(values, first, weights, pairs, out), codegen
+
+
 @intrinsic
 def bits_to_float32(typingctx, bits):  # pragma: no cover - compiled
     """Reinterpret a uint32 as the float32 with those bits (no conversion)."""

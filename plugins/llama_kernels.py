@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_block, matrix_rows,
-                                 narrow, round_bf16, screened_argmax, widen)
+from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_block, key_scores16, matrix_rows,
+                                 narrow, round_bf16, screened_argmax, weighted_value_sums, widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "1d99c9100e1b96d68e27fe0c2479515cf7e877895a9f67c36ed234b633c6343e"
+GEMV_SOURCE_SHA256 = "4b7d6bb7a40d88e0b1a844bacbe37404fa2f5b1f1170f7a3ee8f80c54be5e346"
 
 
 @njit(inline="always", fastmath=True)
@@ -84,16 +85,54 @@ def _rotate_and_store(qkv, cos, sin, rotated, keys, values, position, num_heads,
             values[head, position, d] = narrow(widen(qkv[q_size + kv_size + head * head_dim + d]), values[0, 0, 0])
 
 
+def _paired_value_sums(values, weights, first, sums):  # pragma: no cover - replaced by the overload below
+    """Inside the kernels: ``sums += weights[:n] @ values[first:first + n]`` for the largest even ``n`` that
+    :func:`~llavakit.core.gemv.weighted_value_sums` takes (bf16 words, rows a multiple of 64 wide), returning ``n``;
+    0 for anything else, left to the caller's loop."""
+    raise NotImplementedError
+
+
+@overload(_paired_value_sums)
+def _paired_value_sums_for(values, weights, first, sums):
+    if values.dtype != types.uint16:
+        return lambda values, weights, first, sums: 0
+
+    def paired(values, weights, first, sums):
+        if values.shape[1] % 64:
+            return 0
+        pairs = weights.shape[0] // 2
+        words = np.empty(2 * pairs, np.uint16)
+        for i in range(2 * pairs):  # the weights are bf16 values already: exact
+            words[i] = narrow(weights[i], words[0])
+        weighted_value_sums(values, first, words, pairs, sums)
+        return 2 * pairs
+    return paired
+
+
 @njit(inline="always", fastmath=True)
 def _attend_head(rotated, keys, values, head, group, first, position, scale, bf16, out):  # pragma: no cover - compiled
     """Query head ``head`` of one row (``rotated``) against its key/value head over cache positions ``first …
-    position``, softmax in float32; the result goes to ``out[head * head_dim …]`` (float32 or bf16 words)."""
+    position``, softmax in float32; the result goes to ``out[head * head_dim …]`` (float32 or bf16 words).
+    Scores sixteen keys at a time (:func:`~llavakit.core.gemv.key_scores16`) and bf16 values two positions at a
+    time (:func:`~llavakit.core.gemv.weighted_value_sums`) where the head size allows, one by one otherwise."""
     head_dim = keys.shape[2]
     query = rotated[head * head_dim:(head + 1) * head_dim]
     row_keys, row_values = keys[head // group], values[head // group]  # [capacity, head_dim]
     scores = np.empty(position + 1 - first, np.float32)
     top = -np.inf
-    for t in range(first, position + 1):
+    start = first
+    if head_dim * row_keys.itemsize % 64 == 0:  # sixteen keys at a time (key_scores16), the rest one by one
+        query_in = np.empty(head_dim, row_keys.dtype)  # the query as the keys are stored (bf16: exact)
+        for d in range(head_dim):
+            query_in[d] = narrow(query[d], row_keys[0, 0])
+        while start + 16 <= position + 1:
+            block = scores[start - first:start - first + 16]
+            key_scores16(row_keys, start, query_in, block)
+            for j in range(16):
+                block[j] *= scale
+                top = max(top, block[j])
+            start += 16
+    for t in range(start, position + 1):
         acc = np.float32(0.0)
         for d in range(head_dim):
             acc += query[d] * widen(row_keys[t, d])
@@ -105,9 +144,10 @@ def _attend_head(rotated, keys, values, head, group, first, position, scale, bf1
         total += weight
         # PyTorch's CPU attention kernel multiplies the values by these weights in the input dtype.
         scores[i] = _round(weight, bf16)
-    # Position by position, so the loads run along a cached value row (each output still sums in position order).
+    # Position by position, so the loads run along a cached value row (each output still sums in position order);
+    # bf16 values two positions at a time (_paired_value_sums), the last odd one alone.
     sums = np.zeros(head_dim, np.float32)
-    for t in range(first, position + 1):
+    for t in range(first + _paired_value_sums(row_values, scores, first, sums), position + 1):
         weight = scores[t - first]
         for d in range(head_dim):
             sums[d] += weight * widen(row_values[t, d])

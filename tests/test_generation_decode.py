@@ -475,3 +475,59 @@ def test_keep_last_with_every_backend_on_a_left_padded_batch(backend):
                        keep_last=keep)
             assert kept.shape == (batch, keep, llm.hidden_size)
             assert (kept - full[:, -keep:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_key_scores_and_value_sums_sixteen_and_two_positions_at_a_time(head_dim):
+    """The decode attention's blocked loops against float64: sixteen keys' scores at once (float32 and bf16
+    words), and bf16 values weighted two positions at a time (from an offset, with an odd count left over)."""
+    import numpy as np
+    from numba import njit
+
+    from llavakit.core.gemv import key_scores16, weighted_value_sums
+
+    @njit
+    def scores(keys, first, query, out):
+        key_scores16(keys, first, query, out)
+
+    @njit
+    def sums(values, first, weights, pairs, out):
+        weighted_value_sums(values, first, weights, pairs, out)
+
+    generator = torch.Generator().manual_seed(head_dim)
+    keys, query = torch.randn(40, head_dim, generator=generator), torch.randn(head_dim, generator=generator)
+    out = np.full(16, np.nan, np.float32)
+    scores(keys.numpy(), 5, query.numpy(), out)
+    exact = (keys[5:21].double() @ query.double()).numpy()
+    assert np.abs(out - exact).max() <= head_dim * 2.0**-24 * (keys[5:21].abs() @ query.abs()).max().item()
+    words = lambda t: t.bfloat16().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    scores(words(keys), 7, words(query), out)
+    exact = (keys[7:23].bfloat16().double() @ query.bfloat16().double()).numpy()
+    assert np.abs(out - exact).max() <= head_dim * 2.0**-24 * (keys[7:23].abs() @ query.abs()).max().item() * 1.1
+    values, weights = torch.randn(50, head_dim, generator=generator), torch.rand(23, generator=generator)
+    total = np.ones(head_dim, np.float32)  # the sums are added to what is there
+    sums(words(values), 3, words(weights), 11, total)
+    exact = 1 + (weights[:22].bfloat16().double() @ values[3:25].bfloat16().double()).numpy()
+    assert np.abs(total - exact).max() <= 22 * 2.0**-24 * (weights[:22].abs() @ values[3:25].abs()).max().item() * 1.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_over_a_long_cache_with_wide_heads(dtype):
+    """Heads of 64 (the published models' size: the blocked score and value loops run, not the one-key-at-a-time
+    ones the narrow heads above take), 71 cached positions (an odd one left over): the step's logits and its cache
+    entry match the forward pass's."""
+    llm = decoder(dtype, hidden_size=128, num_heads=2, num_kv_heads=1)
+    assert llm.head_dim == 64 and llm.decode_weights(1).fused is not None
+    generator = torch.Generator().manual_seed(71)
+    prompt = torch.randint(0, 299, (1, 71), generator=generator)
+    tokens = torch.randint(0, 299, (1,), generator=generator)
+    positions = torch.full((1, 1), 71)
+    with torch.inference_mode():
+        plain_cache, fast_cache = prefilled(llm, prompt, None), prefilled(llm, prompt, None)
+        plain = llm.logits(llm(llm.embed(tokens[:, None]), position_ids=positions, kv_cache=plain_cache))[:, -1]
+        fast = llm.decode_step(tokens, position_ids=positions, attention_mask=None, kv_cache=fast_cache)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.02 * plain.float().abs().max().item()  # a few bf16 steps
+    assert (plain.float() - fast.float()).abs().max().item() < tolerance
+    assert plain.float().argmax() == fast.float().argmax()
+    assert torch.allclose(plain_cache.values[1][:, :, :72].float(), fast_cache.values[1][:, :, :72].float(),
+                          atol=1e-5 if dtype == torch.float32 else 2e-2)
