@@ -281,7 +281,8 @@ def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - comp
         out_array = context.make_array(out_type)(context, builder, args[3])
         first_row = context.cast(builder, args[1], signature.args[1], types.int64)
         row_stride = builder.extract_value(key_rows.strides, 0)
-        row_bytes = builder.mul(builder.extract_value(key_rows.shape, 1), ir.Constant(i64, keys_type.dtype.bitwidth // 8))
+        row_bytes = builder.mul(builder.extract_value(key_rows.shape, 1),
+                                ir.Constant(i64, keys_type.dtype.bitwidth // 8))
         chunks = builder.udiv(row_bytes, ir.Constant(i64, 64))
         base = builder.gep(builder.bitcast(key_rows.data, byte), [builder.mul(first_row, row_stride)])
         query_base = builder.bitcast(query_array.data, byte)
@@ -327,12 +328,13 @@ def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - comp
 
 
 @intrinsic
-def weighted_value_sums(typingctx, values, first, weights, pairs, out):  # pragma: no cover - compiled
-    """``out[d] += sum over t < 2 * pairs of weights[t] * values[first + t, d]`` for bf16 words ``values`` (rows a
-    multiple of 64 values wide) and ``weights``, ``out`` float32: a decode step's attention output over a long
-    cache. Two rows' 32-value slices are interleaved by one shuffle each into (row t, row t + 1) pairs, which meet
-    the pair of weights, broadcast, in one ``vdpbf16ps`` (two exact products into each of 16 float32 lanes): a
-    quarter of the instructions of widening every value to float32 for its own FMA."""
+def weighted_value_sums(typingctx, values, first, weights, steps, out):  # pragma: no cover - compiled
+    """``out[d] += sum over t < n of weights[t] * values[first + t, d]`` (``out`` float32, rows of ``values`` a
+    multiple of 64 values wide): a decode step's attention output over a long cache, the 64 sums of a slice of
+    every row kept in registers. bf16 words (``weights`` too), ``n = 2 * steps``: two rows' 32-value slices are
+    interleaved by one shuffle each into (row t, row t + 1) pairs, which meet the pair of weights, broadcast,
+    in one ``vdpbf16ps`` (two exact products into each of 16 float32 lanes), a quarter of the instructions of
+    widening every value for its own FMA. float32, ``n = steps``: one FMA per 16 values and position."""
     def codegen(context, builder, signature, args):
         i32, i64, byte = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
         values_type, weights_type, out_type = signature.args[0], signature.args[2], signature.args[4]
@@ -343,11 +345,14 @@ def weighted_value_sums(typingctx, values, first, weights, pairs, out):  # pragm
         count = context.cast(builder, args[3], signature.args[3], types.int64)
         row_stride = builder.extract_value(rows.strides, 0)
         groups = builder.udiv(builder.extract_value(rows.shape, 1), ir.Constant(i64, 64))
+        words = values_type.dtype == types.uint16
+        group_bytes = 128 if words else 256
         base = builder.gep(builder.bitcast(rows.data, byte), [builder.mul(first_row, row_stride)])
         weight_base = builder.bitcast(weight_array.data, byte)
         out_base = builder.bitcast(out_array.data, byte)
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
                                              "llvm.x86.avx512bf16.dpbf16ps.512")
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
         splat_type = ir.VectorType(i32, 16)
         interleave = [[half * 16 + i + 32 * side for i in range(16) for side in (0, 1)] for half in (0, 1)]
         zero = ir.Constant(_LANES, [0.0] * 16)
@@ -367,22 +372,32 @@ def weighted_value_sums(typingctx, values, first, weights, pairs, out):  # pragm
             phi.add_incoming(zero, outer)
         builder.cbranch(builder.icmp_signed("<", pair, count), inner_body, inner_done)
         builder.position_at_end(inner_body)
-        row = builder.gep(base, [builder.add(builder.mul(builder.mul(pair, ir.Constant(i64, 2)), row_stride),
-                                             builder.mul(group, ir.Constant(i64, 128)))])
-        following = builder.gep(row, [row_stride])
-        weight_pair = builder.load(builder.bitcast(builder.gep(weight_base, [builder.mul(pair, ir.Constant(i64, 4))]),
-                                                   i32.as_pointer()), align=2)
-        splat = builder.insert_element(ir.Constant(splat_type, None), weight_pair, ir.Constant(i32, 0))
-        splat = builder.bitcast(builder.shuffle_vector(splat, splat, ir.Constant(splat_type, [0] * 16)), _WORDS)
+        rows_per_step = 2 if words else 1
+        row = builder.gep(base, [builder.add(builder.mul(builder.mul(pair, ir.Constant(i64, rows_per_step)),
+                                                         row_stride),
+                                             builder.mul(group, ir.Constant(i64, group_bytes)))])
+        weight = builder.load(builder.bitcast(builder.gep(weight_base, [builder.mul(pair, ir.Constant(i64, 4))]),
+                                              i32.as_pointer()), align=2)  # a bf16 pair, or one float32
+        splat = builder.insert_element(ir.Constant(splat_type, None), weight, ir.Constant(i32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(splat_type, [0] * 16))
         updated = []
-        for line in (0, 1):
-            a = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 64 * line)]), _WORDS.as_pointer()),
-                             align=2)
-            b = builder.load(builder.bitcast(builder.gep(following, [ir.Constant(i64, 64 * line)]),
-                                             _WORDS.as_pointer()), align=2)
-            for half in (0, 1):
-                pairs_of_rows = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 32), interleave[half]))
-                updated.append(builder.call(dot, [accumulators[2 * line + half], pairs_of_rows, splat]))
+        if words:
+            splat = builder.bitcast(splat, _WORDS)
+            following = builder.gep(row, [row_stride])
+            for line in (0, 1):
+                a = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 64 * line)]), _WORDS.as_pointer()),
+                                 align=2)
+                b = builder.load(builder.bitcast(builder.gep(following, [ir.Constant(i64, 64 * line)]),
+                                                 _WORDS.as_pointer()), align=2)
+                for half in (0, 1):
+                    pairs_of_rows = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 32), interleave[half]))
+                    updated.append(builder.call(dot, [accumulators[2 * line + half], pairs_of_rows, splat]))
+        else:
+            splat = builder.bitcast(splat, _LANES)
+            for line in range(4):
+                v = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 64 * line)]), _LANES.as_pointer()),
+                                 align=4)
+                updated.append(builder.call(fma, [v, splat, accumulators[line]]))
         pair.add_incoming(builder.add(pair, ir.Constant(i64, 1)), inner_body)
         for phi, value in zip(accumulators, updated):
             phi.add_incoming(value, inner_body)
@@ -398,7 +413,7 @@ def weighted_value_sums(typingctx, values, first, weights, pairs, out):  # pragm
         builder.position_at_end(done)
         return context.get_dummy_value()
 
-    return types.none(values, first, weights, pairs, out), codegen
+    return types.none(values, first, weights, steps, out), codegen
 
 
 @intrinsic

@@ -38,7 +38,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, exp_redu
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "4b7d6bb7a40d88e0b1a844bacbe37404fa2f5b1f1170f7a3ee8f80c54be5e346"
+GEMV_SOURCE_SHA256 = "e1a1f21201e01e703e3379c55f426142e9fdd8a04729f8c3cb1110e2903c5698"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.

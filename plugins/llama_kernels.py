@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "4b7d6bb7a40d88e0b1a844bacbe37404fa2f5b1f1170f7a3ee8f80c54be5e346"
+GEMV_SOURCE_SHA256 = "e1a1f21201e01e703e3379c55f426142e9fdd8a04729f8c3cb1110e2903c5698"
 
 
 @njit(inline="always", fastmath=True)
@@ -86,16 +86,22 @@ def _rotate_and_store(qkv, cos, sin, rotated, keys, values, position, num_heads,
 
 
 def _paired_value_sums(values, weights, first, sums):  # pragma: no cover - replaced by the overload below
-    """Inside the kernels: ``sums += weights[:n] @ values[first:first + n]`` for the largest even ``n`` that
-    :func:`~llavakit.core.gemv.weighted_value_sums` takes (bf16 words, rows a multiple of 64 wide), returning ``n``;
-    0 for anything else, left to the caller's loop."""
+    """Inside the kernels: ``sums += weights[:n] @ values[first:first + n]`` through
+    :func:`~llavakit.core.gemv.weighted_value_sums` where the rows are a multiple of 64 values wide (bf16 words:
+    the largest even ``n``; float32: every position), returning ``n``; 0 otherwise, all left to the caller's
+    loop."""
     raise NotImplementedError
 
 
 @overload(_paired_value_sums)
 def _paired_value_sums_for(values, weights, first, sums):
-    if values.dtype != types.uint16:
-        return lambda values, weights, first, sums: 0
+    if values.dtype == types.float32:
+        def single(values, weights, first, sums):
+            if values.shape[1] % 64:
+                return 0
+            weighted_value_sums(values, first, weights, weights.shape[0], sums)
+            return weights.shape[0]
+        return single
 
     def paired(values, weights, first, sums):
         if values.shape[1] % 64:
@@ -113,8 +119,9 @@ def _paired_value_sums_for(values, weights, first, sums):
 def _attend_head(rotated, keys, values, head, group, first, position, scale, bf16, out):  # pragma: no cover - compiled
     """Query head ``head`` of one row (``rotated``) against its key/value head over cache positions ``first …
     position``, softmax in float32; the result goes to ``out[head * head_dim …]`` (float32 or bf16 words).
-    Scores sixteen keys at a time (:func:`~llavakit.core.gemv.key_scores16`) and bf16 values two positions at a
-    time (:func:`~llavakit.core.gemv.weighted_value_sums`) where the head size allows, one by one otherwise."""
+    Scores sixteen keys at a time (:func:`~llavakit.core.gemv.key_scores16`) and sums the values with their sums in
+    registers (:func:`~llavakit.core.gemv.weighted_value_sums`, bf16 two positions at a time) where the head size
+    allows, one by one otherwise."""
     head_dim = keys.shape[2]
     query = rotated[head * head_dim:(head + 1) * head_dim]
     row_keys, row_values = keys[head // group], values[head // group]  # [capacity, head_dim]
@@ -144,8 +151,8 @@ def _attend_head(rotated, keys, values, head, group, first, position, scale, bf1
         total += weight
         # PyTorch's CPU attention kernel multiplies the values by these weights in the input dtype.
         scores[i] = _round(weight, bf16)
-    # Position by position, so the loads run along a cached value row (each output still sums in position order);
-    # bf16 values two positions at a time (_paired_value_sums), the last odd one alone.
+    # Position by position along the cached value rows (_paired_value_sums: bf16 two positions at a time, the last
+    # odd one alone below).
     sums = np.zeros(head_dim, np.float32)
     for t in range(first + _paired_value_sums(row_values, scores, first, sums), position + 1):
         weight = scores[t - first]

@@ -480,7 +480,8 @@ def test_keep_last_with_every_backend_on_a_left_padded_batch(backend):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_key_scores_and_value_sums_sixteen_and_two_positions_at_a_time(head_dim):
     """The decode attention's blocked loops against float64: sixteen keys' scores at once (float32 and bf16
-    words), and bf16 values weighted two positions at a time (from an offset, with an odd count left over)."""
+    words), bf16 values weighted two positions at a time (from an offset, an odd count left over) and float32
+    values one at a time."""
     import numpy as np
     from numba import njit
 
@@ -509,6 +510,10 @@ def test_key_scores_and_value_sums_sixteen_and_two_positions_at_a_time(head_dim)
     sums(words(values), 3, words(weights), 11, total)
     exact = 1 + (weights[:22].bfloat16().double() @ values[3:25].bfloat16().double()).numpy()
     assert np.abs(total - exact).max() <= 22 * 2.0**-24 * (weights[:22].abs() @ values[3:25].abs()).max().item() * 1.1
+    total = np.ones(head_dim, np.float32)  # float32: one position at a time, every one of them
+    sums(values.numpy(), 3, weights.numpy(), 23, total)
+    exact = 1 + (weights.double() @ values[3:26].double()).numpy()
+    assert np.abs(total - exact).max() <= 24 * 2.0**-24 * (1 + (weights.abs() @ values[3:26].abs()).max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
