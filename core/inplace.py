@@ -50,7 +50,7 @@ def kernel_products(x: torch.Tensor, module: nn.Module, min_positions: int) -> b
     """Whether ``module``'s float32 products on ``x`` may run on llavakit's many-row numba kernel
     (:func:`llavakit.core.gemv.matmul`; 1.2-1.6x MKL's sgemm on the 2 Zen 4 cores measured) through
     :func:`linear_rows`: where :func:`runs_in_place` holds, for float32, with numba installed."""
-    return x.dtype == torch.float32 and runs_in_place(x, module, min_positions) and _has_numba()
+    return x.dtype == torch.float32 and runs_in_place(x, module, min_positions) and has_numba()
 
 
 def linear_rows(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
@@ -72,7 +72,8 @@ def linear_rows(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.
 
 
 @functools.cache
-def _has_numba() -> bool:
+def has_numba() -> bool:
+    """Whether numba is installed (without importing it: plugin discovery must not wait for it)."""
     return importlib.util.find_spec("numba") is not None
 
 

@@ -9,7 +9,6 @@ those checkpoints load with a prefix change only.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from importlib import resources
@@ -23,7 +22,7 @@ from torch import nn
 from llavakit.core.attention import AttentionBackend
 from llavakit.core.errors import ConfigError
 from llavakit.core.hooks import hookimpl
-from llavakit.core.inplace import Workspace, runs_in_place
+from llavakit.core.inplace import Workspace, has_numba, runs_in_place
 from llavakit.core.interfaces import LanguageModel
 from llavakit.core.kv_cache import KVCache
 
@@ -154,6 +153,15 @@ def project_into(projection: Projection, x: torch.Tensor, out: torch.Tensor) -> 
     return matmul(projection.matrix, x.reshape(b * l, -1), out).view(b, l, -1)
 
 
+def last_rows(keep: int, x, cos, sin, mask, causal):
+    """The queries' side of an attention layer cut to its last ``keep`` positions (all of it for 0): the inputs,
+    rotary tables and mask rows; causality stays bottom-right aligned, and one last query sees every key."""
+    if not keep:
+        return x, cos, sin, mask, causal
+    return (x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:], None if mask is None else mask[:, :, -keep:],
+            causal and keep > 1)
+
+
 def heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, L, heads * D]`` as ``[B, heads, L, D]`` (a view, as the projections' outputs are used)."""
     b, l, _ = x.shape
@@ -179,10 +187,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rotary(k, cos, sin)
-        if keep:
-            x, cos, sin = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:]
-            mask = None if mask is None else mask[:, :, -keep:]
-            causal = causal and keep > 1  # still bottom-right aligned; one last query sees every key
+        x, cos, sin, mask, causal = last_rows(keep, x, cos, sin, mask, causal)
         q = self.q_proj(x).view(b, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         if kv_cache is not None:
@@ -206,10 +211,7 @@ class Attention(nn.Module):
         k_rotated = heads_view(work("k_rotated", (b, l, kv_width), dtype), self.num_kv_heads)
         k_scratch = heads_view(work("k_scratch", (b, l, kv_width), dtype), self.num_kv_heads)
         k = rotary_into(k, cos, sin, k_rotated, k_scratch)
-        if keep:
-            x, cos, sin = x[:, -keep:], cos[:, :, -keep:], sin[:, :, -keep:]
-            mask = None if mask is None else mask[:, :, -keep:]
-            causal = causal and keep > 1
+        x, cos, sin, mask, causal = last_rows(keep, x, cos, sin, mask, causal)
         lq = x.shape[1]
         if products is not None:
             q = heads_view(queries[:, -keep:] if keep else queries, self.num_heads)
@@ -679,7 +681,7 @@ class DecodeWeights:
             self.final_norm = norm(decoder.norm)
             self.lm_head_screen = screen_arrays(decoder.lm_head.weight)
         elif self.packing in ("onednn", "mkl") and decoder.lm_head.weight.dtype in (torch.float32, torch.bfloat16) \
-                and _has_numba():
+                and has_numba():
             self.norms = [norm(layer.input_layernorm) for layer in decoder.layers[:1]]
             for index, layer in enumerate(decoder.layers):
                 following = decoder.layers[index + 1].input_layernorm if index + 1 < len(decoder.layers) else decoder.norm
@@ -728,7 +730,7 @@ def packing_kind(decoder: LlamaDecoder, batch_size: int) -> str | None:
     weight = decoder.lm_head.weight
     if not decoder.pack_decode_weights or weight.device.type != "cpu":
         return None
-    if weight.dtype in (torch.float32, torch.bfloat16) and _has_numba() and batch_size <= _numba_batch_limit(weight.dtype):
+    if weight.dtype in (torch.float32, torch.bfloat16) and has_numba() and batch_size <= _numba_batch_limit(weight.dtype):
         return "numba"
     mkl = weight.dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     onednn = torch.backends.mkldnn.is_available() and (
@@ -749,11 +751,6 @@ def _numba_batch_limit(dtype: torch.dtype) -> int:
     from llavakit.core.gemv import BF16_DOT, GROUP
 
     return GROUP if dtype == torch.float32 or BF16_DOT else 1
-
-
-@functools.cache
-def _has_numba() -> bool:
-    return importlib.util.find_spec("numba") is not None
 
 
 def packed_copies_fit(decoder: LlamaDecoder) -> bool:

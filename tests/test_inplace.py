@@ -115,7 +115,7 @@ def test_the_vision_mlp_gates_in_place_with_the_same_bits(dtype, monkeypatch):
     with torch.inference_mode():
         in_place = tower(pixels)
         projected = model.projector(in_place)
-    if dtype == torch.bfloat16 or not inplace_module._has_numba():
+    if dtype == torch.bfloat16 or not inplace_module.has_numba():
         assert torch.equal(plain, in_place)
     else:  # float32 products on the many-row kernel: another summation order, equal to rounding
         assert not torch.equal(plain, in_place)
@@ -155,7 +155,7 @@ def test_a_float32_prefill_runs_its_products_on_the_decode_steps_packed_weights(
         assert getattr(llm, "_decode_weights", None) is None
         cache = llm.new_kv_cache(batch, LENGTH)
         products = llm.prefill_products(embeds, cache)
-        if not llama_plugin._has_numba():
+        if not llama_plugin.has_numba():
             pytest.skip("numba is not installed: prefills keep torch's products")
         assert products is not None and products[0][0].packing == "numba"
         fast = llm(embeds, position_ids=positions, attention_mask=mask, kv_cache=cache, keep_last=keep)
@@ -174,7 +174,7 @@ def test_bf16_prefills_keep_torch_products():
 
 
 def test_linear_rows_is_each_linear_side_by_side():
-    if not inplace_module._has_numba():
+    if not inplace_module.has_numba():
         pytest.skip("numba is not installed")
     torch.manual_seed(0)
     linears = (torch.nn.Linear(40, 24), torch.nn.Linear(40, 17, bias=False), torch.nn.Linear(40, 8))
