@@ -111,6 +111,17 @@ PREFETCH_BYTES = 16384
 PREFETCH_LOCALITY = 2
 
 
+def _bf16_dot(builder):  # pragma: no cover - compiled
+    """``vdpbf16ps`` on 512-bit vectors (16 float32 lanes += 32 bf16 words · 32 bf16 words, pairwise)."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
+                                          "llvm.x86.avx512bf16.dpbf16ps.512")
+
+
+def _fma16(builder):  # pragma: no cover - compiled
+    """A 16-lane float32 fused multiply-add, ``fma(a, b, c) = a * b + c``."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
+
+
 def _emit_block_dots(context, builder, signature, args, rows_of_x, accumulate=False):  # pragma: no cover
     """LLVM IR storing ``lanes[i] = blocks[block] · xs[first + i]`` (16 rows' outputs) for ``i < rows_of_x``.
 
@@ -148,8 +159,7 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x, accumulate=Fa
     accumulator = _LANES
     if blocks_type.dtype == types.uint16:
         weight_type, element = _WORDS, i32  # a pair of bf16 words, read as one 32-bit element
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
-                                             "llvm.x86.avx512bf16.dpbf16ps.512")
+        dot = _bf16_dot(builder)
         multiply_add = lambda acc, w, v: builder.call(dot, [acc, w, builder.bitcast(v, _WORDS)])  # noqa: E731
     elif blocks_type.dtype == types.int8:  # four int8 codes per lane against four uint8 inputs, summed exactly
         weight_type = accumulator = _INT_LANES
@@ -159,7 +169,7 @@ def _emit_block_dots(context, builder, signature, args, rows_of_x, accumulate=Fa
         multiply_add = lambda acc, w, v: builder.call(dot, [acc, v, w])  # noqa: E731  (unsigned input first)
     else:
         weight_type, element = _LANES, ir.FloatType()
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
+        fma = _fma16(builder)
         multiply_add = lambda acc, w, v: builder.call(fma, [w, v, acc])  # noqa: E731
     splat_type = ir.VectorType(element, 16)
 
@@ -287,14 +297,10 @@ def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - comp
         base = builder.gep(builder.bitcast(key_rows.data, byte), [builder.mul(first_row, row_stride)])
         query_base = builder.bitcast(query_array.data, byte)
         if keys_type.dtype == types.uint16:
-            vector_type = _WORDS
-            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
-                                                 "llvm.x86.avx512bf16.dpbf16ps.512")
+            vector_type, dot = _WORDS, _bf16_dot(builder)
             multiply_add = lambda acc, k, q: builder.call(dot, [acc, k, q])  # noqa: E731
         else:
-            vector_type = _LANES
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3),
-                                                 "llvm.fma.v16f32")
+            vector_type, fma = _LANES, _fma16(builder)
             multiply_add = lambda acc, k, q: builder.call(fma, [k, q, acc])  # noqa: E731
         zero = ir.Constant(_LANES, [0.0] * 16)
         entry = builder.block
@@ -350,9 +356,7 @@ def weighted_value_sums(typingctx, values, first, weights, steps, out):  # pragm
         base = builder.gep(builder.bitcast(rows.data, byte), [builder.mul(first_row, row_stride)])
         weight_base = builder.bitcast(weight_array.data, byte)
         out_base = builder.bitcast(out_array.data, byte)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES, _WORDS, _WORDS]),
-                                             "llvm.x86.avx512bf16.dpbf16ps.512")
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
+        dot, fma = _bf16_dot(builder), _fma16(builder)
         splat_type = ir.VectorType(i32, 16)
         interleave = [[half * 16 + i + 32 * side for i in range(16) for side in (0, 1)] for half in (0, 1)]
         zero = ir.Constant(_LANES, [0.0] * 16)

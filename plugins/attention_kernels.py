@@ -38,7 +38,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, exp_redu
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "e1a1f21201e01e703e3379c55f426142e9fdd8a04729f8c3cb1110e2903c5698"
+GEMV_SOURCE_SHA256 = "cfee7e9b0ee556e67ffd63697d6d590a163026624f634b3685f3a596df657ca1"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.

@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "e1a1f21201e01e703e3379c55f426142e9fdd8a04729f8c3cb1110e2903c5698"
+GEMV_SOURCE_SHA256 = "cfee7e9b0ee556e67ffd63697d6d590a163026624f634b3685f3a596df657ca1"
 
 
 @njit(inline="always", fastmath=True)
