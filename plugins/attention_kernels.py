@@ -13,8 +13,9 @@ How, per head and tile of 8 queries:
 1. ``S = Q K^T`` for every key the tile sees (the keys blocked like a matrix of :func:`~llavakit.core.gemv.
    blocked_layout`: 16 keys per 64-byte line); the causal triangle past the tile's last query is skipped.
 2. Softmax per query over its own keys in float32: the maximum (:func:`_lines_max`), the exponentials of
-   ``scale * (score - max)`` (:func:`_softmax_exp`), their float32 sum. The exponentials are then rounded to
-   the input dtype, as PyTorch's flash kernel rounds its probabilities before multiplying them with the values.
+   ``scale * (score - max)`` (:func:`~llavakit.core.gemv.softmax_exp`), their float32 sum. The exponentials are
+   then rounded to the input dtype, as PyTorch's flash kernel rounds its probabilities before multiplying them
+   with the values.
 3. ``O = P V`` with ``V`` blocked transposed (16 head dimensions per line, one key (float32) or a pair of keys
    (bf16) per line), divided by the sum and rounded once to the output dtype.
 
@@ -34,11 +35,11 @@ from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llavakit.core.gemv import BF16_DOT, _block_dots8, bits_to_float32, exp_reduced, fma32, kernel_threads, narrow
+from llavakit.core.gemv import BF16_DOT, _block_dots8, fma32, kernel_threads, narrow, softmax_exp
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "cfee7e9b0ee556e67ffd63697d6d590a163026624f634b3685f3a596df657ca1"
+GEMV_SOURCE_SHA256 = "c30afb8123ffe2d71653c1bb013b316b369feeb985e040677530663074de7efa"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.
@@ -78,20 +79,6 @@ def _lines_max(typingctx, values, lines):  # pragma: no cover - compiled
         return builder.call(reduce, [best])
 
     return types.float32(values, lines), codegen
-
-
-@njit(inline="always", fastmath=True)
-def _softmax_exp(x):  # pragma: no cover - compiled
-    """``exp(x)`` for a softmax's ``x = score - max <= 0``: :func:`~llavakit.core.gemv.exp32`'s polynomial (the same
-    bits wherever the result is a normal float32) without its overflow path, and 0 below 2^-126, where
-    ``exp32`` would go on through the denormals. Those are below a float32 sum's resolution next to the max's
-    exp(0) = 1, and ``vdpbf16ps`` reads bf16 denormals as 0 anyway. A third of ``exp32``'s cost, which matters
-    here: a 2372-token prefill takes 22 million of them per layer."""
-    clamped = np.float32(-87.5) if x < np.float32(-87.5) else x
-    n = np.floor(clamped * np.float32(1.44269504088896341) + np.float32(0.5))
-    scale = bits_to_float32(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))  # 2^n, n >= -126
-    y = exp_reduced(clamped, n) * scale
-    return np.float32(0.0) if x < np.float32(-87.33654) else y
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -147,7 +134,7 @@ def _attention(queries, key_blocks, value_blocks, out, k_len, scale, causal, thr
                 shift = -top * scale
                 total = np.float32(0.0)
                 for i in range(seen):
-                    weight = _softmax_exp(fma32(line[i], scale, shift))
+                    weight = softmax_exp(fma32(line[i], scale, shift))
                     total += weight
                     probabilities[r, i] = narrow(weight, probabilities[0, 0])
                 for i in range(seen, key_end):

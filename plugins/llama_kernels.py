@@ -27,12 +27,12 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_block, key_scores16, matrix_rows,
-                                 narrow, round_bf16, screened_argmax, weighted_value_sums, widen)
+                                 narrow, round_bf16, screened_argmax, softmax_exp, weighted_value_sums, widen)
 
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "cfee7e9b0ee556e67ffd63697d6d590a163026624f634b3685f3a596df657ca1"
+GEMV_SOURCE_SHA256 = "c30afb8123ffe2d71653c1bb013b316b369feeb985e040677530663074de7efa"
 
 
 @njit(inline="always", fastmath=True)
@@ -147,7 +147,7 @@ def _attend_head(rotated, keys, values, head, group, first, position, scale, bf1
         top = max(top, scores[t - first])
     total = np.float32(0.0)
     for i in range(scores.shape[0]):
-        weight = exp32(scores[i] - top)
+        weight = softmax_exp(scores[i] - top)
         total += weight
         # PyTorch's CPU attention kernel multiplies the values by these weights in the input dtype.
         scores[i] = _round(weight, bf16)
