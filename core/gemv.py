@@ -122,6 +122,31 @@ def _fma16(builder):  # pragma: no cover - compiled
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LANES, [_LANES] * 3), "llvm.fma.v16f32")
 
 
+def _open_loop(builder, entry, limit, count, body, exit):  # pragma: no cover - compiled
+    """At a loop's head block: a counter from 0 and ``count`` float32 vector accumulators from zero (both coming
+    from ``entry``), then the branch into ``body`` while the counter is below ``limit``, else to ``exit``. Returns
+    the counter and the accumulators; :func:`_close_loop` ends the body."""
+    i64 = ir.IntType(64)
+    counter = builder.phi(i64)
+    counter.add_incoming(ir.Constant(i64, 0), entry)
+    accumulators = [builder.phi(_LANES) for _ in range(count)]
+    for phi in accumulators:
+        phi.add_incoming(ir.Constant(_LANES, [0.0] * 16), entry)
+    builder.cbranch(builder.icmp_signed("<", counter, limit), body, exit)
+    builder.position_at_end(body)
+    return counter, accumulators
+
+
+def _close_loop(builder, head, counter, accumulators, updated):  # pragma: no cover - compiled
+    """End a loop body opened by :func:`_open_loop`: the counter plus one and the ``updated`` accumulators go back
+    to ``head``."""
+    body = builder.block
+    counter.add_incoming(builder.add(counter, ir.Constant(ir.IntType(64), 1)), body)
+    for phi, value in zip(accumulators, updated):
+        phi.add_incoming(value, body)
+    builder.branch(head)
+
+
 def _emit_block_dots(context, builder, signature, args, rows_of_x, accumulate=False):  # pragma: no cover
     """LLVM IR storing ``lanes[i] = blocks[block] · xs[first + i]`` (16 rows' outputs) for ``i < rows_of_x``.
 
@@ -302,18 +327,11 @@ def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - comp
         else:
             vector_type, fma = _LANES, _fma16(builder)
             multiply_add = lambda acc, k, q: builder.call(fma, [k, q, acc])  # noqa: E731
-        zero = ir.Constant(_LANES, [0.0] * 16)
         entry = builder.block
         head, body, done = (builder.append_basic_block(f"keyscores.{name}") for name in ("head", "body", "done"))
         builder.branch(head)
         builder.position_at_end(head)
-        chunk = builder.phi(i64)
-        accumulators = [builder.phi(_LANES) for _ in range(16)]
-        chunk.add_incoming(ir.Constant(i64, 0), entry)
-        for phi in accumulators:
-            phi.add_incoming(zero, entry)
-        builder.cbranch(builder.icmp_signed("<", chunk, chunks), body, done)
-        builder.position_at_end(body)
+        chunk, accumulators = _open_loop(builder, entry, chunks, 16, body, done)
         offset = builder.mul(chunk, ir.Constant(i64, 64))
         q = builder.load(builder.bitcast(builder.gep(query_base, [offset]), vector_type.as_pointer()), align=4)
         updated = []
@@ -321,10 +339,7 @@ def key_scores16(typingctx, keys, first, query, out):  # pragma: no cover - comp
             row = builder.gep(base, [builder.add(builder.mul(ir.Constant(i64, j), row_stride), offset)])
             k = builder.load(builder.bitcast(row, vector_type.as_pointer()), align=4)
             updated.append(multiply_add(acc, k, q))
-        chunk.add_incoming(builder.add(chunk, ir.Constant(i64, 1)), body)
-        for phi, value in zip(accumulators, updated):
-            phi.add_incoming(value, body)
-        builder.branch(head)
+        _close_loop(builder, head, chunk, accumulators, updated)
         builder.position_at_end(done)
         scores = _reduce_lanes16(builder, accumulators)
         builder.store(scores, builder.bitcast(out_array.data, _LANES.as_pointer()), align=4)
@@ -359,7 +374,6 @@ def weighted_value_sums(typingctx, values, first, weights, steps, out):  # pragm
         dot, fma = _bf16_dot(builder), _fma16(builder)
         splat_type = ir.VectorType(i32, 16)
         interleave = [[half * 16 + i + 32 * side for i in range(16) for side in (0, 1)] for half in (0, 1)]
-        zero = ir.Constant(_LANES, [0.0] * 16)
         entry = builder.block
         outer, inner_head, inner_body, inner_done, done = (
             builder.append_basic_block(f"valuesums.{name}") for name in ("outer", "head", "body", "store", "done"))
@@ -369,13 +383,7 @@ def weighted_value_sums(typingctx, values, first, weights, steps, out):  # pragm
         group.add_incoming(ir.Constant(i64, 0), entry)
         builder.cbranch(builder.icmp_signed("<", group, groups), inner_head, done)
         builder.position_at_end(inner_head)
-        pair = builder.phi(i64)
-        accumulators = [builder.phi(_LANES) for _ in range(4)]
-        pair.add_incoming(ir.Constant(i64, 0), outer)
-        for phi in accumulators:
-            phi.add_incoming(zero, outer)
-        builder.cbranch(builder.icmp_signed("<", pair, count), inner_body, inner_done)
-        builder.position_at_end(inner_body)
+        pair, accumulators = _open_loop(builder, outer, count, 4, inner_body, inner_done)
         rows_per_step = 2 if words else 1
         row = builder.gep(base, [builder.add(builder.mul(builder.mul(pair, ir.Constant(i64, rows_per_step)),
                                                          row_stride),
@@ -402,10 +410,7 @@ def weighted_value_sums(typingctx, values, first, weights, steps, out):  # pragm
                 v = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, 64 * line)]), _LANES.as_pointer()),
                                  align=4)
                 updated.append(builder.call(fma, [v, splat, accumulators[line]]))
-        pair.add_incoming(builder.add(pair, ir.Constant(i64, 1)), inner_body)
-        for phi, value in zip(accumulators, updated):
-            phi.add_incoming(value, inner_body)
-        builder.branch(inner_head)
+        _close_loop(builder, inner_head, pair, accumulators, updated)
         builder.position_at_end(inner_done)  # add the 64 sums into out[group * 64 …]
         for index, acc in enumerate(accumulators):
             address = builder.bitcast(builder.gep(out_base, [builder.add(builder.mul(group, ir.Constant(i64, 256)),

@@ -39,7 +39,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, fma32, kernel_threads, na
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "c30afb8123ffe2d71653c1bb013b316b369feeb985e040677530663074de7efa"
+GEMV_SOURCE_SHA256 = "b308c92a2c0732b05f300e17dccceb80d29219a997b9ecb4735745dc03edcb79"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.
