@@ -505,6 +505,76 @@ def softmax_exp(x):  # pragma: no cover - compiled
     return np.float32(0.0) if x < np.float32(-87.33654) else y
 
 
+@intrinsic
+def softmax_row(typingctx, scores, seen, scale, shift, out):  # pragma: no cover - compiled
+    """``out[i] = softmax_exp(fma(scores[i], scale, shift))`` for ``i < seen``, rounded to ``out``'s dtype (bf16
+    words, ties to even, or float32), and 0 for the rest of the last 16 ``out[i]``; returns the float32 sum of the
+    unrounded exponentials (16 lanes, summed across once at the end). Both rows must have room for ``seen``
+    rounded up to 16 (the tail is read and written whole, its lanes past ``seen`` masked to 0).
+
+    The exponential is :func:`softmax_exp`'s (the same clamp, reduction and polynomial) with two instructions where
+    numba's vectorised loop spent ten: ``vscalefps`` scales by ``2^n`` (exact, as the integer construction of the
+    power is), and ``vcvtneps2bf16`` rounds to bf16 (as :func:`round_bf16` does). The prefill attention kernel's
+    softmaxes are 22 million exponentials a layer of the benchmark prompt, and numba ran the last up to 63 of every
+    row one at a time."""
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        int_lanes = ir.VectorType(i32, 16)
+
+        def broadcast(value, vector_type):
+            first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(first, first, ir.Constant(int_lanes, [0] * 16))
+
+        def splat(value):
+            return ir.Constant(_LANES, [value] * 16)
+
+        def declare(name, result, *arguments):
+            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
+
+        scores_array = context.make_array(signature.args[0])(context, builder, args[0])
+        out_array = context.make_array(signature.args[4])(context, builder, args[4])
+        count = context.cast(builder, args[1], signature.args[1], types.int64)
+        scale, shift = broadcast(args[2], _LANES), broadcast(args[3], _LANES)
+        bf16 = signature.args[4].dtype == types.uint16
+        stored_type = ir.VectorType(_BFloat16(), 16) if bf16 else _LANES
+        source = builder.bitcast(scores_array.data, _LANES.as_pointer())
+        target = builder.bitcast(out_array.data, stored_type.as_pointer())
+        fma = _fma16(builder)
+        floor = declare("llvm.floor.v16f32", _LANES, _LANES)
+        scalef = declare("llvm.x86.avx512.mask.scalef.ps.512", _LANES, _LANES, _LANES, _LANES, ir.IntType(16), i32)
+        reduce = declare("llvm.vector.reduce.fadd.v16f32", ir.FloatType(), ir.FloatType(), _LANES)
+        lanes_index = ir.Constant(int_lanes, list(range(16)))
+        lines = builder.sdiv(builder.add(count, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        entry = builder.block
+        head, body, done = (builder.append_basic_block(f"softmaxrow.{name}") for name in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        line, (total,) = _open_loop(builder, entry, lines, 1, body, done)
+        left = builder.trunc(builder.sub(count, builder.mul(line, ir.Constant(i64, 16))), i32)
+        inside = builder.icmp_signed("<", lanes_index, broadcast(left, int_lanes))
+        x = builder.call(fma, [builder.load(builder.gep(source, [line]), align=4), scale, shift])
+        clamped = builder.select(builder.fcmp_ordered("<", x, splat(-87.5)), splat(-87.5), x)
+        n = builder.call(floor, [builder.call(fma, [clamped, splat(1.44269504088896341), splat(0.5)])])
+        minus_n = builder.fneg(n)
+        r = builder.call(fma, [minus_n, splat(0.693359375), clamped])
+        r = builder.call(fma, [minus_n, splat(-2.12194440e-4), r])
+        poly = builder.call(fma, [splat(1.9875691500e-4), r, splat(1.3981999507e-3)])
+        for coefficient in (8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            poly = builder.call(fma, [poly, r, splat(coefficient)])
+        y = builder.fadd(builder.call(fma, [builder.fmul(poly, r), r, r]), splat(1.0))
+        y = builder.call(scalef, [y, n, ir.Constant(_LANES, ir.Undefined), ir.Constant(ir.IntType(16), -1),
+                                  ir.Constant(i32, 4)])  # all lanes, the current rounding
+        keep = builder.and_(inside, builder.fcmp_unordered(">=", x, splat(-87.33654)))  # NaN stays NaN
+        weight = builder.select(keep, y, splat(0.0))
+        stored = builder.fptrunc(weight, stored_type) if bf16 else weight  # vcvtneps2bf16: ties to even
+        builder.store(stored, builder.gep(target, [line]), align=2 if bf16 else 4)
+        _close_loop(builder, head, line, [total], [builder.fadd(total, weight)])
+        builder.position_at_end(done)
+        return builder.call(reduce, [ir.Constant(ir.FloatType(), 0.0), total])
+
+    return types.float32(scores, seen, types.float32, types.float32, out), codegen
+
+
 def widen(value):  # pragma: no cover - replaced by the overload below inside compiled code
     """Inside numba kernels: a weight or cache element (float32, or bf16 stored as uint16) as a float32."""
     raise NotImplementedError

@@ -13,33 +13,33 @@ How, per head and tile of 8 queries:
 1. ``S = Q K^T`` for every key the tile sees (the keys blocked like a matrix of :func:`~llavakit.core.gemv.
    blocked_layout`: 16 keys per 64-byte line); the causal triangle past the tile's last query is skipped.
 2. Softmax per query over its own keys in float32: the maximum (:func:`_lines_max`), the exponentials of
-   ``scale * (score - max)`` (:func:`~llavakit.core.gemv.softmax_exp`), their float32 sum. The exponentials are
-   then rounded to the input dtype, as PyTorch's flash kernel rounds its probabilities before multiplying them
-   with the values.
+   ``scale * (score - max)`` and their float32 sum, 16 lanes at a time (:func:`~llavakit.core.gemv.softmax_row`).
+   The exponentials are rounded to the input dtype, as PyTorch's flash kernel rounds its probabilities before
+   multiplying them with the values.
 3. ``O = P V`` with ``V`` blocked transposed (16 head dimensions per line, one key (float32) or a pair of keys
    (bf16) per line), divided by the sum and rounded once to the output dtype.
 
 Unlike a flash kernel, the scores of a tile's whole key range are kept (8 x 2372 floats, 76 KB, in the core's
-L2), so the softmax needs no running rescales. Sums run in float32 in another order than PyTorch's, so results
-agree with it to rounding, not bit for bit (tests/test_attention_kernel.py bounds the error against a float64
-reference: no worse than PyTorch's own kernel).
+L2), so the softmax needs no running rescales. Keys and values are first copied into their blocked layouts by
+:func:`_blocked_inputs`, one block of 16 keys per parallel work item. Sums run in float32 in another order than
+PyTorch's, so results agree with it to rounding, not bit for bit (tests/test_attention_kernel.py bounds the error
+against a float64 reference: no worse than PyTorch's own kernel).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llavakit.core.gemv import BF16_DOT, _block_dots8, fma32, kernel_threads, narrow, softmax_exp
+from llavakit.core.gemv import BF16_DOT, _block_dots8, kernel_threads, narrow, softmax_row
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "b308c92a2c0732b05f300e17dccceb80d29219a997b9ecb4735745dc03edcb79"
+GEMV_SOURCE_SHA256 = "cb40e30b30a8e6d0be94cee0c5c9d791c9f68072dcfb3a380ccc69fc0d15b343"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.
@@ -132,20 +132,53 @@ def _attention(queries, key_blocks, value_blocks, out, k_len, scale, causal, thr
                     top = max(top, line[i])
                 # scale * (score - top) with one rounding: the scale is positive, so the max commutes with it.
                 shift = -top * scale
-                total = np.float32(0.0)
-                for i in range(seen):
-                    weight = softmax_exp(fma32(line[i], scale, shift))
-                    total += weight
-                    probabilities[r, i] = narrow(weight, probabilities[0, 0])
-                for i in range(seen, key_end):
+                sums[r] = softmax_row(line, seen, scale, shift, probabilities[r])
+                for i in range((seen + LINE - 1) // LINE * LINE, key_end):  # softmax_row zeroed up to here
                     probabilities[r, i] = 0
-                sums[r] = total
             row_values = value_blocks[row, head // group]
             for block in range(head_dim // LINE):
                 _block_dots8(row_values, block, probabilities, 0, key_end // keys_per_column, lanes)
                 for r in range(rows):
                     for i in range(LINE):
                         out[row, head, first + r, block * LINE + i] = narrow(lanes[r, i] / sums[r], out[0, 0, 0, 0])
+
+
+@njit(parallel=True, cache=True)
+def _blocked_inputs(keys, values, key_blocks, value_blocks, k_len):  # pragma: no cover - compiled
+    """Copy ``keys`` and ``values`` into the blocked layouts :func:`_attention` reads (its docstring), zeros past
+    ``k_len``, one block of 16 keys per work item, in parallel: PyTorch's ``permute(...).contiguous()`` of the same
+    layouts gathers 2-byte elements one at a time on one thread (about 0.9 ms a decoder layer of the benchmark
+    prompt in bf16).
+
+    ``keys`` ``[B, Hkv, Lk, C]`` and ``key_blocks`` ``[B, Hkv, Lk16/16, C, 16]`` hold 32-bit words: a float32, or a
+    pair of bf16 dimensions, so one transpose of words serves both. ``values`` ``[B, Hkv, Lk, D]`` and
+    ``value_blocks`` ``[B, Hkv, D/16, Lk16/K, 16, K]`` in the input dtype, ``K`` keys per line (2 in bf16)."""
+    batch, kv_heads, _, columns = keys.shape
+    head_dim = values.shape[3]
+    blocks = key_blocks.shape[2]
+    per_line = value_blocks.shape[5]
+    for item in prange(batch * kv_heads * blocks):
+        head_row, block = divmod(np.int64(item), blocks)  # prange's unsigned index would make divmod's floats
+        row, head = divmod(head_row, kv_heads)
+        row_keys, row_values, block_keys = keys[row, head], values[row, head], key_blocks[row, head, block]
+        first = block * LINE
+        seen = min(LINE, k_len - first)
+        for c in range(columns):
+            for j in range(seen):
+                block_keys[c, j] = row_keys[first + j, c]
+            for j in range(seen, LINE):
+                block_keys[c, j] = 0
+        for line in range(head_dim // LINE):
+            line_values = value_blocks[row, head, line]
+            for j in range(LINE):
+                position = first + j
+                slot, k = divmod(position, per_line)
+                if j < seen:
+                    for i in range(LINE):
+                        line_values[slot, i, k] = row_values[position, line * LINE + i]
+                else:
+                    for i in range(LINE):
+                        line_values[slot, i, k] = 0
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
@@ -171,6 +204,11 @@ def _words(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _words32(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 or bf16 tensor's last axis as 32-bit words (a bf16 pair per word), as a NumPy view (no copy)."""
+    return tensor.view(torch.int32).numpy()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
     """``softmax(scale * q k^T) v`` for ``q`` ``[B, H, Lq, D]`` and ``k``, ``v`` ``[B, Hkv, Lk, D]`` (``H`` a
     multiple of ``Hkv``), causal bottom-right aligned; call only where :func:`applies`. Returns ``[B, H, Lq, D]``,
@@ -181,20 +219,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     kv_heads, k_len = k.shape[1], k.shape[2]
     padded_k = -(-k_len // LINE) * LINE
     blocks, lines = padded_k // LINE, head_dim // LINE
-    # Zero keys past k_len: their scores are masked anyway, but their values meet probabilities of 0 in the
-    # products, and 0 times a stale NaN would not be 0.
-    keys = F.pad(k, (0, 0, 0, padded_k - k_len))
-    values = F.pad(v, (0, 0, 0, padded_k - k_len))
-    if q.dtype == torch.bfloat16:  # lines of 16 keys x a pair of dimensions; of 16 dimensions x a pair of keys
-        key_blocks = keys.view(batch, kv_heads, blocks, LINE, head_dim // 2, 2).permute(0, 1, 2, 4, 3, 5)
-        value_blocks = values.view(batch, kv_heads, padded_k // 2, 2, lines, LINE).permute(0, 1, 4, 2, 5, 3)
-    else:  # lines of 16 keys x one dimension; of 16 dimensions x one key
-        key_blocks = keys.view(batch, kv_heads, blocks, LINE, head_dim).permute(0, 1, 2, 4, 3)
-        value_blocks = values.view(batch, kv_heads, padded_k, lines, LINE).permute(0, 1, 3, 2, 4)
-    key_blocks, value_blocks = key_blocks.contiguous(), value_blocks.contiguous()
+    per_line = 2 if q.dtype == torch.bfloat16 else 1  # keys per line of values: a pair in bf16
+    key_blocks = torch.empty(batch, kv_heads, blocks, head_dim // per_line, LINE, per_line, dtype=q.dtype)
+    value_blocks = torch.empty(batch, kv_heads, lines, padded_k // per_line, LINE, per_line, dtype=q.dtype)
+    keys = k if k.stride(-1) == 1 else k.contiguous()
     queries = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype).transpose(1, 2)
+    if per_line == 1:  # the layouts _attention reads in float32 have no pair axis
+        key_blocks, value_blocks = key_blocks.squeeze(-1), value_blocks.squeeze(-1)
     with kernel_threads():
+        _blocked_inputs(_words32(keys), _words(v), _words32(key_blocks).reshape(key_blocks.shape[:5]),
+                        _words(value_blocks).reshape(value_blocks.shape[:4] + (LINE, per_line)), k_len)
         _attention(_words(queries), _words(key_blocks), _words(value_blocks), _words(out), k_len, np.float32(scale),
                    causal, get_num_threads())
     return out

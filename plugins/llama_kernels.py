@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "b308c92a2c0732b05f300e17dccceb80d29219a997b9ecb4735745dc03edcb79"
+GEMV_SOURCE_SHA256 = "cb40e30b30a8e6d0be94cee0c5c9d791c9f68072dcfb3a380ccc69fc0d15b343"
 
 
 @njit(inline="always", fastmath=True)

@@ -201,3 +201,64 @@ def test_the_kernel_can_be_switched_off_per_backend(monkeypatch):
         assert (padded - torch_kernel_masked(q, k, v, mask, 0.2)).abs().max() < 1e-5
     with pytest.raises(AssertionError, match="switched off"):
         SdpaAttention().attend(q, k, v, mask=None, causal=True, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seen", [1, 15, 16, 17, 64, 100])
+def test_softmax_row_equals_the_scalar_exponentials(dtype, seen):
+    """``softmax_row`` (16 lanes, ``vscalefps`` and ``vcvtneps2bf16``) gives the same rounded weights as
+    ``softmax_exp`` one at a time, zeros the rest of its last 16 lanes, and sums the unrounded weights."""
+    import numpy as np
+    from numba import njit
+
+    from llavakit.core.gemv import fma32, narrow, softmax_exp, softmax_row
+
+    @njit
+    def row(scores, seen, scale, shift, out):
+        return softmax_row(scores, seen, scale, shift, out)
+
+    @njit
+    def scalar(scores, seen, scale, shift, out):
+        total = np.float64(0.0)
+        for i in range(seen):
+            weight = softmax_exp(fma32(scores[i], scale, shift))
+            total += weight
+            out[i] = narrow(weight, out[0])
+        return total
+
+    words = np.uint16 if dtype == torch.bfloat16 else np.float32
+    generator = np.random.default_rng(seen)
+    scores = (generator.standard_normal(112) * 300).astype(np.float32)  # exponents from 0 down past the clamp
+    scale = np.float32(0.25)
+    shift = np.float32(-scores[:seen].max() * scale)
+    got, expected = np.full(112, 7, words), np.full(112, 7, words)
+    total = row(scores, seen, scale, shift, got)
+    reference_total = scalar(scores, seen, scale, shift, expected)
+    assert np.array_equal(got[:seen], expected[:seen])
+    assert not got[seen:-(-seen // 16) * 16].any()  # the rest of the last line zeroed
+    assert (got[-(-seen // 16) * 16:] == 7).all()  # nothing past it written
+    assert abs(total - reference_total) <= 1e-6 * reference_total
+    scores[seen // 2] = np.nan  # a NaN score stays NaN in the sum, as PyTorch's softmax keeps it
+    assert np.isnan(row(scores, seen, scale, shift, got))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_inputs_equal_the_permuted_layouts(dtype):
+    """The parallel copy into the kernel's blocked layouts equals PyTorch's pad + permute + contiguous."""
+    from llavakit.plugins.attention_kernels import LINE, _blocked_inputs, _words, _words32
+
+    k, v = (torch.randn(2, 23, 3, 32).to(dtype).transpose(1, 2) for _ in range(2))  # strided, as projected
+    padded = 32
+    keys, values = F.pad(k, (0, 0, 0, padded - 23)), F.pad(v, (0, 0, 0, padded - 23))
+    if dtype == torch.bfloat16:
+        expected_keys = keys.view(2, 3, 2, LINE, 16, 2).permute(0, 1, 2, 4, 3, 5)
+        expected_values = values.view(2, 3, padded // 2, 2, 2, LINE).permute(0, 1, 4, 2, 5, 3)
+    else:
+        expected_keys = keys.view(2, 3, 2, LINE, 32).permute(0, 1, 2, 4, 3)[..., None]
+        expected_values = values.view(2, 3, padded, 2, LINE).permute(0, 1, 3, 2, 4)[..., None]
+    per_line = expected_values.shape[-1]
+    key_blocks = torch.full(expected_keys.shape, 5.0, dtype=dtype)
+    value_blocks = torch.full(expected_values.shape, 5.0, dtype=dtype)
+    _blocked_inputs(_words32(k), _words(v), _words32(key_blocks).reshape(key_blocks.shape[:5]),
+                    _words(value_blocks).reshape(value_blocks.shape[:4] + (LINE, per_line)), 23)
+    assert torch.equal(key_blocks, expected_keys) and torch.equal(value_blocks, expected_values)
