@@ -12,8 +12,10 @@ patch 14). Both libraries load that folder. Measured, per dtype:
 - batch 8 (eight 32-token prompts, 128 new tokens): generated tokens/s of the whole call, against batch 1.
 
 Every figure is the best of ``--repeats`` runs, llavakit and transformers alternating, so a busy machine
-hurts both alike. llama.cpp (through ``llama-cpp-python``) is not measured: it needs a GGUF conversion of
-the checkpoint, which this script does not do; its figures in docs/benchmarks.md come from ``llama-bench``.
+hurts both alike. With the optional ``llama-cpp-python`` installed (``pip install -e '.[llamacpp]'``), llama.cpp
+runs on the CPU in the same run, on a GGUF file of the same text model (:mod:`gguf_export`): greedy tokens
+against llavakit's, decode at batch 1, and the prefill of a text prompt as long as the image prompt (llama.cpp
+has no path for this architecture's images), llavakit's prefill of the same text alongside.
 
     python benchmarks/bench_generate.py --threads 2 --dtypes float32 bfloat16
     python benchmarks/bench_generate.py --device cuda --dtypes float32 bfloat16   # on a GPU
@@ -28,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+from gguf_export import (has_llama_cpp, llama_cpp_decode_rate, llama_cpp_greedy, llama_cpp_prefill_seconds,
+                         load_llama_cpp, write_text_gguf)
 
 BENCH_TEXT = dict(
     model_type="mistral", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -234,9 +238,54 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int, device: torch.de
         f"batch {BATCH} throughput vs batch 1": b8["llavakit"] / b1["llavakit"],
         f"batch {BATCH} throughput vs transformers": b8["llavakit"] / b8["transformers"],
     }
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and has_llama_cpp():
+        ratios.update(bench_llama_cpp(ours, dtype, prompt, image_prompt.shape[1], repeats))
     for label, value in ratios.items():
         print(f"  {label:<40} {value:6.2f}x")
     return ratios
+
+
+def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_tokens: int, repeats: int
+                    ) -> dict[str, float]:
+    """llama.cpp (``llama-cpp-python``) on a GGUF export of ``ours``'s text model, against llavakit: greedy
+    tokens, decode at batch 1, and the prefill of ``prefill_tokens`` text tokens. Returns the ratios."""
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(3, 32000, (1, prefill_tokens), generator=generator)
+    tokens = prompt[0].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = write_text_gguf(ours, Path(tmp) / "text.gguf", dtype)
+        written_s = time.perf_counter() - start
+        llm = load_llama_cpp(path, torch.get_num_threads(), prefill_tokens + NEW_TOKENS + 64)
+        import llama_cpp
+
+        print(f"  llama.cpp (llama-cpp-python {llama_cpp.__version__}; GGUF written in {written_s:.1f} s, "
+              f"{path.stat().st_size / 1e6:.0f} MB; float16 cache, flash attention)")
+        theirs_tokens, _ = llama_cpp_greedy(llm, tokens, 32)
+        with torch.inference_mode():
+            ours_tokens = ours.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, PROMPT_TOKENS:].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs_tokens)) if a != b), 32)
+        print(f"  greedy tokens equal to llama.cpp's for the first {same} of 32")
+
+        def ours_decode():
+            clock = StepClock()
+            with torch.inference_mode():
+                ours.generate(prompt, max_new_tokens=NEW_TOKENS, streamer=clock, eos_token_id=[])
+            return clock.decode_rate()
+
+        def ours_prefill():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                ours.generate(text, max_new_tokens=1)
+            return time.perf_counter() - start
+
+        rates = summarise("decode, batch 1", "tok/s", best_of(repeats, {
+            "llavakit": ours_decode, "llama.cpp": lambda: llama_cpp_decode_rate(llm, tokens, NEW_TOKENS)}), True)
+        prefills = summarise(f"prefill, {prefill_tokens} text tokens", "s", best_of(repeats, {
+            "llavakit": ours_prefill, "llama.cpp": lambda: llama_cpp_prefill_seconds(llm, text[0].tolist())}), False)
+        llm.close()
+    return {"decode speed vs llama.cpp": rates["llavakit"] / rates["llama.cpp"],
+            "text prefill time vs llama.cpp": prefills["llavakit"] / prefills["llama.cpp"]}
 
 
 def main() -> None:
