@@ -249,6 +249,8 @@ def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_toke
                     ) -> dict[str, float]:
     """llama.cpp (``llama-cpp-python``) on a GGUF export of ``ours``'s text model, against llavakit: greedy
     tokens, decode at batch 1, and the prefill of ``prefill_tokens`` text tokens. Returns the ratios."""
+    import llama_cpp
+
     generator = torch.Generator().manual_seed(1)
     text = torch.randint(3, 32000, (1, prefill_tokens), generator=generator)
     tokens = prompt[0].tolist()
@@ -257,8 +259,6 @@ def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_toke
         path = write_text_gguf(ours, Path(tmp) / "text.gguf", dtype)
         written_s = time.perf_counter() - start
         llm = load_llama_cpp(path, torch.get_num_threads(), prefill_tokens + NEW_TOKENS + 64)
-        import llama_cpp
-
         print(f"  llama.cpp (llama-cpp-python {llama_cpp.__version__}; GGUF written in {written_s:.1f} s, "
               f"{path.stat().st_size / 1e6:.0f} MB; float16 cache, flash attention)")
         theirs_tokens, _ = llama_cpp_greedy(llm, tokens, 32)

@@ -514,9 +514,10 @@ def softmax_row(typingctx, scores, seen, scale, shift, out):  # pragma: no cover
 
     The exponential is :func:`softmax_exp`'s (the same clamp, reduction and polynomial) with two instructions where
     numba's vectorised loop spent ten: ``vscalefps`` scales by ``2^n`` (exact, as the integer construction of the
-    power is), and ``vcvtneps2bf16`` rounds to bf16 (as :func:`round_bf16` does). The prefill attention kernel's
-    softmaxes are 22 million exponentials a layer of the benchmark prompt, and numba ran the last up to 63 of every
-    row one at a time."""
+    power is), and ``vcvtneps2bf16`` rounds to bf16 (as :func:`round_bf16` does); the row's tail is one masked
+    line where numba's loop (64 at a time) left up to 63 keys of every row to narrower epilogues. The prefill
+    attention kernel's softmaxes are 22 million exponentials a layer of the benchmark prompt: 0.28 against 0.38 ns
+    a key in bf16 on one core, the same in float32."""
     def codegen(context, builder, signature, args):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         int_lanes = ir.VectorType(i32, 16)

@@ -39,7 +39,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, kernel_threads, narrow, s
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "cb40e30b30a8e6d0be94cee0c5c9d791c9f68072dcfb3a380ccc69fc0d15b343"
+GEMV_SOURCE_SHA256 = "dbb750fd900133d7cceabb45bc34cee4987404190d72a45b7348afc050eec53f"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.

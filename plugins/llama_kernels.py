@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "cb40e30b30a8e6d0be94cee0c5c9d791c9f68072dcfb3a380ccc69fc0d15b343"
+GEMV_SOURCE_SHA256 = "dbb750fd900133d7cceabb45bc34cee4987404190d72a45b7348afc050eec53f"
 
 
 @njit(inline="always", fastmath=True)
