@@ -74,6 +74,8 @@ BF16_DOT = _compiles_for("avx512bf16")
 #: :class:`ArgmaxScreen` reads its int8 rows with the AVX512-VNNI byte dot-product instruction; without it there
 #: is no screen (a plain loop would not read int8 faster than the weights themselves).
 BYTE_DOT = _compiles_for("avx512vnni")
+#: :func:`softmax_row` scales by ``2^n`` with ``vscalefps`` (AVX-512F); without it, by the power built from its bits.
+SCALEF = _compiles_for("avx512f")
 
 
 class _BFloat16(ir.Type):
@@ -514,10 +516,10 @@ def softmax_row(typingctx, scores, seen, scale, shift, out):  # pragma: no cover
 
     The exponential is :func:`softmax_exp`'s (the same clamp, reduction and polynomial) with two instructions where
     numba's vectorised loop spent ten: ``vscalefps`` scales by ``2^n`` (exact, as the integer construction of the
-    power is), and ``vcvtneps2bf16`` rounds to bf16 (as :func:`round_bf16` does); the row's tail is one masked
-    line where numba's loop (64 at a time) left up to 63 keys of every row to narrower epilogues. The prefill
-    attention kernel's softmaxes are 22 million exponentials a layer of the benchmark prompt: 0.28 against 0.38 ns
-    a key in bf16 on one core, the same in float32."""
+    power is, which CPUs without AVX-512 get instead: :data:`SCALEF`), and ``vcvtneps2bf16`` rounds to bf16 (as
+    :func:`round_bf16` does); the row's tail is one masked line where numba's loop (64 at a time) left up to 63
+    keys of every row to narrower epilogues. The prefill attention kernel's softmaxes are 22 million exponentials
+    a layer of the benchmark prompt: 0.28 against 0.38 ns a key in bf16 on one core, the same in float32."""
     def codegen(context, builder, signature, args):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         int_lanes = ir.VectorType(i32, 16)
@@ -542,7 +544,8 @@ def softmax_row(typingctx, scores, seen, scale, shift, out):  # pragma: no cover
         target = builder.bitcast(out_array.data, stored_type.as_pointer())
         fma = _fma16(builder)
         floor = declare("llvm.floor.v16f32", _LANES, _LANES)
-        scalef = declare("llvm.x86.avx512.mask.scalef.ps.512", _LANES, _LANES, _LANES, _LANES, ir.IntType(16), i32)
+        if SCALEF:
+            scalef = declare("llvm.x86.avx512.mask.scalef.ps.512", _LANES, _LANES, _LANES, _LANES, ir.IntType(16), i32)
         reduce = declare("llvm.vector.reduce.fadd.v16f32", ir.FloatType(), ir.FloatType(), _LANES)
         lanes_index = ir.Constant(int_lanes, list(range(16)))
         lines = builder.sdiv(builder.add(count, ir.Constant(i64, 15)), ir.Constant(i64, 16))
@@ -563,8 +566,13 @@ def softmax_row(typingctx, scores, seen, scale, shift, out):  # pragma: no cover
         for coefficient in (8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
             poly = builder.call(fma, [poly, r, splat(coefficient)])
         y = builder.fadd(builder.call(fma, [builder.fmul(poly, r), r, r]), splat(1.0))
-        y = builder.call(scalef, [y, n, ir.Constant(_LANES, ir.Undefined), ir.Constant(ir.IntType(16), -1),
-                                  ir.Constant(i32, 4)])  # all lanes, the current rounding
+        if SCALEF:
+            y = builder.call(scalef, [y, n, ir.Constant(_LANES, ir.Undefined), ir.Constant(ir.IntType(16), -1),
+                                      ir.Constant(i32, 4)])  # all lanes, the current rounding
+        else:  # 2^n from its bits (n >= -126 after the clamp; a NaN's n read as 0, its y is NaN anyway)
+            n = builder.select(builder.fcmp_ordered("ord", n, n), n, splat(0.0))
+            exponent = builder.add(builder.fptosi(n, int_lanes), ir.Constant(int_lanes, [127] * 16))
+            y = builder.fmul(y, builder.bitcast(builder.shl(exponent, ir.Constant(int_lanes, [23] * 16)), _LANES))
         keep = builder.and_(inside, builder.fcmp_unordered(">=", x, splat(-87.33654)))  # NaN stays NaN
         weight = builder.select(keep, y, splat(0.0))
         stored = builder.fptrunc(weight, stored_type) if bf16 else weight  # vcvtneps2bf16: ties to even

@@ -39,7 +39,7 @@ from llavakit.core.gemv import BF16_DOT, _block_dots8, kernel_threads, narrow, s
 
 #: sha256 of ``core/gemv.py``, whose loops the kernel inlines (numba keys its disk cache on this file only; see
 #: the same constant in :mod:`llavakit.plugins.llama_kernels`; a test checks both).
-GEMV_SOURCE_SHA256 = "dbb750fd900133d7cceabb45bc34cee4987404190d72a45b7348afc050eec53f"
+GEMV_SOURCE_SHA256 = "a17cf2ca74f021965351de825714e63c73b55607eaafd52635ce0bc0989126e0"
 #: Queries per tile: the inputs one key (or value) load is multiplied with.
 TILE = 8
 #: Keys per 64-byte line of the blocked keys, head dimensions per line of the blocked values.

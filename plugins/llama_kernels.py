@@ -32,7 +32,7 @@ from llavakit.core.gemv import (ROW_BLOCK, as_matrix, dot_input, exp32, gemv_blo
 #: sha256 of ``core/gemv.py``, whose helpers the kernels below inline. numba keys a disk-cached kernel on the
 #: contents of its own file only, so when that file changes this one must change too, or every cache
 #: (a developer's, or a user's after an upgrade) keeps running the old code; a test checks it.
-GEMV_SOURCE_SHA256 = "dbb750fd900133d7cceabb45bc34cee4987404190d72a45b7348afc050eec53f"
+GEMV_SOURCE_SHA256 = "a17cf2ca74f021965351de825714e63c73b55607eaafd52635ce0bc0989126e0"
 
 
 @njit(inline="always", fastmath=True)

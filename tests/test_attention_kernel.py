@@ -203,15 +203,22 @@ def test_the_kernel_can_be_switched_off_per_backend(monkeypatch):
         SdpaAttention().attend(q, k, v, mask=None, causal=True, scale=0.2)
 
 
+@pytest.mark.parametrize("scalef", [True, False], ids=["vscalefps", "power-from-bits"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seen", [1, 15, 16, 17, 64, 100])
-def test_softmax_row_equals_the_scalar_exponentials(dtype, seen):
-    """``softmax_row`` (16 lanes, ``vscalefps`` and ``vcvtneps2bf16``) gives the same rounded weights as
-    ``softmax_exp`` one at a time, zeros the rest of its last 16 lanes, and sums the unrounded weights."""
+def test_softmax_row_equals_the_scalar_exponentials(dtype, seen, scalef, monkeypatch):
+    """``softmax_row`` (16 lanes, ``vcvtneps2bf16``, and ``vscalefps`` or on CPUs without AVX-512 the power of two
+    from its bits) gives the same rounded weights as ``softmax_exp`` one at a time, zeros the rest of its last 16
+    lanes, and sums the unrounded weights."""
     import numpy as np
     from numba import njit
 
+    from llavakit.core import gemv
     from llavakit.core.gemv import fma32, narrow, softmax_exp, softmax_row
+
+    if scalef and not gemv.SCALEF:
+        pytest.skip("this CPU has no AVX-512F (vscalefps)")
+    monkeypatch.setattr(gemv, "SCALEF", scalef)  # read when the intrinsic is compiled, in the first call below
 
     @njit
     def row(scores, seen, scale, shift, out):
