@@ -239,16 +239,17 @@ def bench_dtype(folder: Path, dtype: torch.dtype, repeats: int, device: torch.de
         f"batch {BATCH} throughput vs transformers": b8["llavakit"] / b8["transformers"],
     }
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and has_llama_cpp():
-        ratios.update(bench_llama_cpp(ours, dtype, prompt, image_prompt.shape[1], repeats))
+        ratios.update(bench_llama_cpp(ours, dtype, prompt, image_prompt.shape[1], repeats, decode(ours, True)))
     for label, value in ratios.items():
         print(f"  {label:<40} {value:6.2f}x")
     return ratios
 
 
-def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_tokens: int, repeats: int
-                    ) -> dict[str, float]:
+def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_tokens: int, repeats: int,
+                    ours_decode) -> dict[str, float]:
     """llama.cpp (``llama-cpp-python``) on a GGUF export of ``ours``'s text model, against llavakit: greedy
-    tokens, decode at batch 1, and the prefill of ``prefill_tokens`` text tokens. Returns the ratios."""
+    tokens, decode at batch 1 (``ours_decode``: llavakit's decode run of :func:`bench_dtype`), and the prefill of
+    ``prefill_tokens`` text tokens. Returns the ratios."""
     import llama_cpp
 
     generator = torch.Generator().manual_seed(1)
@@ -266,12 +267,6 @@ def bench_llama_cpp(ours, dtype: torch.dtype, prompt: torch.Tensor, prefill_toke
             ours_tokens = ours.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, PROMPT_TOKENS:].tolist()
         same = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs_tokens)) if a != b), 32)
         print(f"  greedy tokens equal to llama.cpp's for the first {same} of 32")
-
-        def ours_decode():
-            clock = StepClock()
-            with torch.inference_mode():
-                ours.generate(prompt, max_new_tokens=NEW_TOKENS, streamer=clock, eos_token_id=[])
-            return clock.decode_rate()
 
         def ours_prefill():
             start = time.perf_counter()

@@ -146,9 +146,10 @@ def _attention(queries, key_blocks, value_blocks, out, k_len, scale, causal, thr
 @njit(parallel=True, cache=True)
 def _blocked_inputs(keys, values, key_blocks, value_blocks, k_len):  # pragma: no cover - compiled
     """Copy ``keys`` and ``values`` into the blocked layouts :func:`_attention` reads (its docstring), zeros past
-    ``k_len``, one block of 16 keys per work item, in parallel: PyTorch's ``permute(...).contiguous()`` of the same
-    layouts gathers 2-byte elements one at a time on one thread (about 0.9 ms a decoder layer of the benchmark
-    prompt in bf16).
+    ``k_len`` (those keys' scores are masked, but their values meet probabilities of 0 in the products, and 0
+    times a stale NaN would not be 0), one block of 16 keys per work item, in parallel: PyTorch's
+    ``permute(...).contiguous()`` of the same layouts gathers 2-byte elements one at a time on one thread (about
+    0.9 ms a decoder layer of the benchmark prompt in bf16).
 
     ``keys`` ``[B, Hkv, Lk, C]`` and ``key_blocks`` ``[B, Hkv, Lk16/16, C, 16]`` hold 32-bit words: a float32, or a
     pair of bf16 dimensions, so one transpose of words serves both. ``values`` ``[B, Hkv, Lk, D]`` and
@@ -225,11 +226,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     keys = k if k.stride(-1) == 1 else k.contiguous()
     queries = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype).transpose(1, 2)
-    if per_line == 1:  # the layouts _attention reads in float32 have no pair axis
-        key_blocks, value_blocks = key_blocks.squeeze(-1), value_blocks.squeeze(-1)
     with kernel_threads():
-        _blocked_inputs(_words32(keys), _words(v), _words32(key_blocks).reshape(key_blocks.shape[:5]),
-                        _words(value_blocks).reshape(value_blocks.shape[:4] + (LINE, per_line)), k_len)
+        _blocked_inputs(_words32(keys), _words(v), _words32(key_blocks).squeeze(-1), _words(value_blocks), k_len)
+        if per_line == 1:  # the layouts _attention reads in float32 have no pair axis
+            key_blocks, value_blocks = key_blocks.squeeze(-1), value_blocks.squeeze(-1)
         _attention(_words(queries), _words(key_blocks), _words(value_blocks), _words(out), k_len, np.float32(scale),
                    causal, get_num_threads())
     return out
